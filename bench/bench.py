@@ -1,0 +1,706 @@
+#!/usr/bin/env python3
+"""Training-speed benchmark: taide_ft's default path against the Unsloth notebook recipe and plain
+transformers + PEFT + TRL, on a Llama-3.1-8B-shaped model with random weights.
+
+One run measures every setup x workload in a fresh subprocess per setup (Unsloth patches transformers
+globally, and a new process frees all GPU memory), and writes one JSON file of figures.
+
+    python bench/bench.py                      # all setups, both workloads (needs a CUDA GPU)
+    python bench/bench.py --dry-run            # build the workloads and print their token statistics
+    python bench/bench.py --help
+
+See bench/README.md for what each setup is and how tokens are counted.
+"""
+from __future__ import annotations
+
+import argparse, datetime as dt, gc, importlib, importlib.metadata as md, importlib.util, inspect, json, math, os, re
+import shutil, signal, subprocess, sys, tempfile, time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# ----------------------------------------------------------------------------------------------
+# What is measured
+
+SETUPS = {
+    'a': "taide_ft default path (config.ini) via load_model / add_lora / make_trainer",
+    'b': "Unsloth Llama 3.1 notebook recipe: FastLanguageModel 4-bit + TRL SFTTrainer",
+    'c': "transformers + PEFT + TRL SFTTrainer, bitsandbytes nf4 (double quant, bf16 compute)",
+    'c16': "transformers + PEFT + TRL SFTTrainer, bf16 weights (no quantization; not run by default)",
+}
+WORKLOADS = ('full', 'mix')
+
+BATCH, ACCUM, SEQ = 2, 4, 2048
+LORA = dict(r=16, lora_alpha=16, lora_dropout=0.0, bias='none',
+            target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'])
+SEED = 3407
+
+# Row lengths of the "mix" workload: log-normal with median 350 and mean ~429 before clipping,
+# i.e. mu = ln(350), sigma = sqrt(2 ln(429/350)); clipped to [32, 2048].
+MIX_MEDIAN, MIX_MEAN, MIX_MIN = 350, 429, 32
+MIX_MU, MIX_SIGMA = math.log(MIX_MEDIAN), math.sqrt(2 * math.log(MIX_MEAN / MIX_MEDIAN))
+PROMPT_SHARE = 0.2   # labels are -100 on the first floor(0.2 * length) tokens of every row
+TOKEN_HI = 128000    # token ids are drawn uniformly from [0, 128000): Llama 3's special ids start at 128000
+
+LLAMA31_8B = dict(  # Llama-3.1-8B's config.json (weights are random here)
+    architectures=['LlamaForCausalLM'], model_type='llama', hidden_size=4096, intermediate_size=14336,
+    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+    max_position_embeddings=131072, rope_theta=500000.0,
+    rope_scaling={'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                  'original_max_position_embeddings': 8192, 'rope_type': 'llama3'},
+    rms_norm_eps=1e-5, hidden_act='silu', attention_bias=False, mlp_bias=False, initializer_range=0.02,
+    bos_token_id=128000, eos_token_id=[128001, 128008, 128009], pad_token_id=128004,
+    tie_word_embeddings=False, torch_dtype='bfloat16', use_cache=True)
+TINY = dict(LLAMA31_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
+
+OFFLINE_ENV = dict(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1',
+                   UNSLOTH_DISABLE_STATISTICS='1', TOKENIZERS_PARALLELISM='false', PYTHONUNBUFFERED='1')
+
+
+def n_params(c: dict) -> int:
+    "Parameter count of a Llama config (8,030,261,248 for Llama-3.1-8B)."
+    h, i, L, v = c['hidden_size'], c['intermediate_size'], c['num_hidden_layers'], c['vocab_size']
+    kv = h // c['num_attention_heads'] * c['num_key_value_heads']
+    layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
+    return L * layer + v * h * (1 if c['tie_word_embeddings'] else 2) + h
+
+
+# ----------------------------------------------------------------------------------------------
+# Workloads: the same rows (same seed) for every setup
+
+def rows_needed(workload, max_steps):
+    "Rows in the data set: the run's micro-batches plus room for setups that pack several rows into one."
+    per_step = BATCH * ACCUM
+    return per_step * max_steps + per_step if workload == 'full' else per_step * max_steps * 6
+
+
+def make_rows(workload, n, seq=None, seed=SEED):
+    "(input_ids, labels) lists: random ids below 128000, labels -100 on a 20 % prompt prefix."
+    import numpy as np
+    rng, seq = np.random.default_rng(seed), seq or SEQ
+    if workload == 'full': lengths = np.full(n, seq)
+    else: lengths = np.clip(np.rint(rng.lognormal(MIX_MU, MIX_SIGMA, n)), MIX_MIN, seq).astype(int)
+    ids, labels = [], []
+    for L in lengths:
+        x = rng.integers(0, TOKEN_HI, int(L)).tolist()
+        p = int(PROMPT_SHARE * L)
+        ids.append(x); labels.append([-100] * p + x[p:])
+    return ids, labels
+
+
+def row_stats(ids, labels):
+    import numpy as np
+    L = np.array([len(x) for x in ids])
+    return dict(rows=int(len(L)), tokens=int(L.sum()), mean=round(float(L.mean()), 1), median=float(np.median(L)),
+                p10=float(np.percentile(L, 10)), p90=float(np.percentile(L, 90)), min=int(L.min()), max=int(L.max()),
+                loss_tokens=int(sum(sum(1 for t in y if t != -100) for y in labels)),
+                expected_tokens_per_step=round(float(L.mean()) * BATCH * ACCUM, 1))
+
+
+def workload_spec(workload, max_steps):
+    spec = dict(rows=rows_needed(workload, max_steps), seed=SEED, token_ids=f"uniform in [0, {TOKEN_HI})",
+                labels=f"input_ids, with -100 on the first floor({PROMPT_SHARE} * length) tokens")
+    if workload == 'full': spec['lengths'] = f"all {SEQ}"
+    else: spec['lengths'] = dict(dist='lognormal', mu=round(MIX_MU, 4), sigma=round(MIX_SIGMA, 4), median=MIX_MEDIAN,
+                                 mean_before_clip=MIX_MEAN, clip=[MIX_MIN, SEQ], rounding='nearest integer')
+    return spec
+
+
+def make_dataset(workload, max_steps):
+    from datasets import Dataset
+    ids, labels = make_rows(workload, rows_needed(workload, max_steps))
+    return Dataset.from_dict({'input_ids': ids, 'labels': labels, 'length': [len(x) for x in ids]})
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement inside a worker
+
+class Meter:
+    """Counts what the model is actually fed (a forward pre-hook on the trained model) and times
+    optimizer steps (a TrainerCallback). Real tokens are ids below 128000: the rows hold no others,
+    and every pad id (Llama 3's are >= 128000) is left out, whatever the collator pads with."""
+
+    def __init__(self, trainer, warmup, steps):
+        import torch
+        from transformers import TrainerCallback
+        self.torch, self.warmup, self.steps = torch, warmup, steps
+        dev = trainer.model.device if hasattr(trainer.model, 'device') else 'cpu'
+        self.real = torch.zeros((), dtype=torch.int64, device=dev)   # summed on the GPU: no sync per micro-step
+        self.fed = torch.zeros((), dtype=torch.int64, device=dev)
+        self.rows = torch.zeros((), dtype=torch.int64, device=dev)
+        self.emb = torch.zeros((), dtype=torch.int64, device=dev)  # the same count at the input embedding
+        self.formats, self.marks, self.collated = set(), [], [0, 0]
+        self.recompute = None
+        self.handles = [trainer.model.register_forward_pre_hook(self._hook, with_kwargs=True)]
+        # A second count at the input embedding: a cross-check, and the count to use should a trainer
+        # call an inner module rather than the model it was given.
+        try: emb = trainer.model.get_input_embeddings()
+        except Exception: emb = None
+        if emb is not None: self.handles.append(emb.register_forward_pre_hook(self._emb_hook, with_kwargs=True))
+        meter = self
+
+        class _CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                meter._mark(0)
+            def on_step_end(self, args, state, control, model=None, **kw):
+                meter._mark(state.global_step)
+                if meter.recompute is None: meter.recompute = _recomputes(trainer.model)
+        trainer.add_callback(_CB())
+        # Fallback count, as rows reach the collator (the loader runs a batch ahead, so this is the whole
+        # run's count, not the measured steps'). TRL's collators are patched in place, not replaced: Unsloth
+        # has already wrapped their `torch_call` and may look at the collator's attributes later.
+        coll = trainer.data_collator
+        def count(examples):
+            self.collated[0] += len(examples)
+            self.collated[1] += sum(len(e['input_ids']) for e in examples if isinstance(e, dict) and 'input_ids' in e)
+        if hasattr(coll, 'torch_call'):
+            inner = coll.torch_call
+            def torch_call(examples): count(examples); return inner(examples)
+            coll.torch_call = torch_call
+        elif callable(coll):
+            def counting_collator(examples): count(examples); return coll(examples)
+            trainer.data_collator = counting_collator
+
+    def _hook(self, module, args, kwargs):
+        if not module.training: return
+        ids = kwargs.get('input_ids', args[0] if args else None)
+        if ids is None: return
+        real = ids < TOKEN_HI
+        self.real += real.sum(); self.fed += ids.numel()
+        pos, am = kwargs.get('position_ids'), kwargs.get('attention_mask')
+        if kwargs.get('packed_seq_lengths') is not None:
+            self.rows += len(kwargs['packed_seq_lengths']); fmt = 'padding-free (packed_seq_lengths)'
+        elif pos is not None and am is None and ids.shape[0] == 1:
+            self.rows += ((pos == 0) & real).sum(); fmt = 'padding-free (position_ids)'
+        else:
+            self.rows += ids.shape[0]; fmt = 'padded' if am is not None else 'no mask'
+        self.formats.add(f"{fmt}, {ids.shape[0]} x seq")
+
+    def _emb_hook(self, module, args, kwargs):
+        ids = args[0] if args else kwargs.get('input')
+        if module.training and ids is not None and not ids.is_floating_point(): self.emb += (ids < TOKEN_HI).sum()
+
+    def _mark(self, step):
+        torch = self.torch
+        if torch.cuda.is_available(): torch.cuda.synchronize()
+        self.marks.append((step, time.perf_counter(), int(self.real.item()), int(self.fed.item()), int(self.rows.item()),
+                           int(self.emb.item())))
+
+    def result(self):
+        for h in self.handles: h.remove()
+        by_step = {m[0]: m for m in self.marks}
+        W, S = self.warmup, self.steps
+        if W not in by_step or W + S not in by_step:
+            return dict(error=f"steps seen: {sorted(by_step)}; need {W} and {W + S}")
+        a, b = by_step[W], by_step[W + S]
+        secs = b[1] - a[1]; real = b[2] - a[2]; fed = b[3] - a[3]; rows = b[4] - a[4]; emb = b[5] - a[5]
+        source = 'forward pre-hook on the trained model, measured steps only'
+        if real == 0 and emb > 0:
+            real, source = emb, 'forward pre-hook on the input embedding, measured steps only'
+        step_times = [round(by_step[k][1] - by_step[k - 1][1], 3) for k in range(1, W + S + 1) if k in by_step and k - 1 in by_step]
+        out = dict(measured_steps=S, seconds=round(secs, 3), seconds_per_step=round(secs / S, 3),
+                   tokens_per_s=round(real / secs, 1), real_tokens=real, fed_tokens=fed,
+                   padding_share=round(1 - real / fed, 4) if fed else None,
+                   rows=rows, rows_per_step=round(rows / S, 2), real_tokens_per_step=round(real / S, 1),
+                   step_seconds=step_times, batch_format=sorted(self.formats), recompute=self.recompute,
+                   embedding_real_tokens=emb, count_source=source,
+                   collator_rows_whole_run=self.collated[0], collator_tokens_whole_run=self.collated[1])
+        if real == 0: out['error'] = 'no training forward was seen'
+        return out
+
+
+def _recomputes(model):
+    "Whether activations are recomputed in backward (HF or Unsloth gradient checkpointing)."
+    for m in model.modules():
+        if getattr(m, 'gradient_checkpointing', False) is True or getattr(m, '_offloaded_gradient_checkpointing', False):
+            return True
+    return bool(getattr(model, 'is_gradient_checkpointing', False))
+
+
+def _flex_call(fn, order, **values):
+    """Call `fn` with `values`, matching its parameter names through aliases, else by position in `order`:
+    taide_ft's API may name things slightly differently while it is being written."""
+    aliases = {'cfg': ('cfg', 'config', 'run_config', 'rc', 'conf'), 'model': ('model', 'base_model'),
+               'tokenizer': ('tokenizer', 'tok', 'processing_class', 'processor'),
+               'data': ('data', 'dataset', 'ds', 'train_data', 'datasets')}
+    try: params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError): return fn(*[values[k] for k in order])
+    args, kwargs, used = [], {}, set()
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD): continue
+        key = next((k for k in order if p.name in aliases.get(k, (k,))), None)
+        if key is None and p.default is p.empty: key = next((k for k in order if k not in used), None)
+        if key is None or key in used: continue
+        used.add(key)
+        if p.kind == p.POSITIONAL_ONLY: args.append(values[key])
+        else: kwargs[p.name] = values[key]
+    return fn(*args, **kwargs)
+
+
+def _first_with(obj, attr):
+    if isinstance(obj, (tuple, list)): return next((x for x in obj if hasattr(x, attr)), obj[0])
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Setups (each runs in its own worker process)
+
+def _sft_config(out_dir, max_steps, cuda, **extra):
+    from trl import SFTConfig
+    kw = dict(output_dir=str(out_dir), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
+              warmup_steps=min(5, max_steps - 1), max_steps=max_steps, learning_rate=2e-4, logging_steps=1,
+              optim='adamw_8bit' if cuda else 'adamw_torch', weight_decay=0.01, lr_scheduler_type='linear', seed=SEED,
+              report_to='none', bf16=cuda, max_length=SEQ, packing=False, save_strategy='no', dataloader_num_workers=0)
+    if not cuda: kw['use_cpu'] = True
+    kw.update(extra)
+    return SFTConfig(**kw)
+
+
+class SetupA:
+    "taide_ft's default path: config.ini with the benchmark's overrides, through the library."
+    def __init__(self, a):
+        self.a = a
+        self.M = importlib.import_module('taide_ft.model')
+        self.T = importlib.import_module('taide_ft.training')
+        from taide_ft.config import load_config
+        self.load_config = load_config
+
+    def cfg(self, out_dir):
+        return self.load_config(ROOT/'config.ini', check_files=False, base_model_name=str(self.a.model_dir),
+                                max_seq_length=SEQ, max_steps=self.a.warmup + self.a.steps,
+                                warmup_steps=min(5, self.a.warmup + self.a.steps - 1), output_dir=str(out_dir),
+                                save_steps=0, resume=False, logging_steps=1, seed=SEED)
+
+    def load(self):
+        cfg = self.cfg(self.a.out_root/'a-load')
+        out = _flex_call(self.M.load_model, ['cfg'], cfg=cfg)
+        model, tok = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+        if tok is None:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(self.a.model_dir)
+        lora = _flex_call(self.M.add_lora, ['model', 'cfg'], model=model, cfg=cfg)
+        model = _first_with(lora, 'parameters') if lora is not None else model
+        info = {}
+        try:
+            from taide_ft import environment as E
+            info = dict(backend=E.pick_backend(cfg), dtype=str(E.pick_dtype(cfg)), load_in_4bit=E.use_4bit(cfg))
+        except Exception as e: info = dict(environment=f"{type(e).__name__}: {e}")
+        info['config'] = dict(gradient_checkpointing=cfg.train.gradient_checkpointing, packing=cfg.train.packing,
+                              target_modules=cfg.lora.target_modules, r=cfg.lora.r, load_in_4bit=cfg.quant.load_in_4bit)
+        return model, tok, info
+
+    def trainer(self, model, tok, ds, workload):
+        cfg = self.cfg(self.a.out_root/f'a-{workload}')
+        try:
+            from taide_ft.dataset import Data
+            n = len(ds); tokens = sum(ds['length'])
+            stats = dict(rows=n, eval_rows=0, tokens=tokens, mean_length=tokens / n, max_length=max(ds['length']),
+                         loss_share=1 - PROMPT_SHARE, turns=n, long_rows=dict(count=0, lines=[], longest=[]))
+            data = Data(ds, None, stats, list(ds['length']), SEQ, Path(cfg.train.output_dir))
+        except Exception:
+            from types import SimpleNamespace
+            data = SimpleNamespace(train=ds, eval=None, stats={}, lengths=list(ds['length']), max_seq_length=SEQ,
+                                   output_dir=Path(cfg.train.output_dir))
+        tr = _flex_call(self.T.make_trainer, ['cfg', 'model', 'tokenizer', 'data'], cfg=cfg, model=model, tokenizer=tok, data=data)
+        tr = _first_with(tr, 'train')
+        args = tr.args
+        self.last = dict(trainer=type(tr).__name__, packing=getattr(args, 'packing', None),
+                         padding_free=getattr(args, 'padding_free', None), optim=str(getattr(args, 'optim', None)),
+                         gradient_checkpointing_arg=getattr(args, 'gradient_checkpointing', None),
+                         group_by_length=getattr(args, 'group_by_length', None),
+                         batch=[args.per_device_train_batch_size, args.gradient_accumulation_steps])
+        return tr
+
+
+class SetupB:
+    "The Unsloth Llama 3.1 notebook recipe, with LoRA on q,k,v,o (the issue's targets)."
+    def __init__(self, a): self.a = a
+
+    def load(self):
+        import unsloth  # noqa: F401  (must come before transformers/trl/peft are used)
+        from unsloth import FastLanguageModel
+        model, tok = FastLanguageModel.from_pretrained(model_name=str(self.a.model_dir), max_seq_length=SEQ,
+                                                       dtype=None, load_in_4bit=True)
+        model = FastLanguageModel.get_peft_model(model, use_gradient_checkpointing='unsloth', random_state=SEED,
+                                                 use_rslora=False, loftq_config=None, **LORA)
+        return model, tok, dict(load_in_4bit=True, use_gradient_checkpointing='unsloth')
+
+    def trainer(self, model, tok, ds, workload):
+        import torch
+        from trl import SFTTrainer  # Unsloth's patched classes once `unsloth` is imported
+        args = _sft_config(self.a.out_root/f'b-{workload}', self.a.warmup + self.a.steps, torch.cuda.is_available())
+        tr = SFTTrainer(model=model, processing_class=tok, train_dataset=ds, args=args)
+        self.last = dict(trainer=type(tr).__name__, packing=getattr(tr.args, 'packing', None),
+                         padding_free=getattr(tr.args, 'padding_free', None))
+        return tr
+
+
+class SetupC:
+    "transformers + PEFT + TRL, bitsandbytes 4-bit (the usual QLoRA recipe)."
+    quantize = True
+    def __init__(self, a): self.a = a
+
+    def load(self):
+        import torch
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        cuda = torch.cuda.is_available()
+        kw = dict(dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation='sdpa')
+        if cuda: kw['device_map'] = {'': 0}
+        if self.quantize:
+            kw['quantization_config'] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4',
+                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(str(self.a.model_dir), **kw)
+        gc_kw = {'use_reentrant': False}
+        if self.quantize:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=gc_kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kw); model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(task_type='CAUSAL_LM', **LORA))
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(str(self.a.model_dir))
+        return model, tok, dict(load_in_4bit=self.quantize, attn_implementation='sdpa', gradient_checkpointing=True)
+
+    def trainer(self, model, tok, ds, workload):
+        import torch
+        from trl import SFTTrainer
+        args = _sft_config(self.a.out_root/f'{self.a.setup}-{workload}', self.a.warmup + self.a.steps, torch.cuda.is_available(),
+                           gradient_checkpointing=True, gradient_checkpointing_kwargs={'use_reentrant': False})
+        tr = SFTTrainer(model=model, processing_class=tok, train_dataset=ds, args=args)
+        self.last = dict(trainer=type(tr).__name__, packing=tr.args.packing, padding_free=tr.args.padding_free)
+        return tr
+
+
+class SetupC16(SetupC): quantize = False
+
+SETUP_CLASSES = {'a': SetupA, 'b': SetupB, 'c': SetupC, 'c16': SetupC16}
+
+
+def _gib(x): return round(x / 2**30, 2)
+
+
+def worker(a):
+    "Run one setup on every workload; write its figures to a.result after each workload."
+    import torch
+    res = dict(setup=a.setup, description=SETUPS[a.setup], status='started', workloads={})
+    def save(): Path(a.result).write_text(json.dumps(res, indent=1))
+    save()
+    cuda = torch.cuda.is_available()
+    t0 = time.perf_counter()
+    setup = SETUP_CLASSES[a.setup](a)
+    model, tok, info = setup.load()
+    res.update(load_seconds=round(time.perf_counter() - t0, 1), load_info=info, status='loaded')
+    if cuda: res['load_peak_gib'] = _gib(torch.cuda.max_memory_allocated())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    res['trainable_params'] = trainable
+    save()
+    for wl in a.workloads:
+        ds = make_dataset(wl, a.warmup + a.steps)
+        shutil.rmtree(a.out_root/f'{a.setup}-{wl}', ignore_errors=True)
+        gc.collect()
+        if cuda: torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+        t1 = time.perf_counter()
+        tr = setup.trainer(model, tok, ds, wl)
+        meter = Meter(tr, a.warmup, a.steps)
+        t2 = time.perf_counter()
+        out = tr.train()
+        r = meter.result()
+        r.update(build_trainer_seconds=round(t2 - t1, 1), train_seconds=round(time.perf_counter() - t2, 1),
+                 trainer_info=getattr(setup, 'last', {}))
+        r['first_step_seconds'] = r['step_seconds'][0] if r.get('step_seconds') else None
+        losses = [h['loss'] for h in tr.state.log_history if 'loss' in h]
+        r['losses'] = [round(x, 3) for x in losses]
+        if cuda:
+            r['peak_gib'] = _gib(torch.cuda.max_memory_allocated())
+            r['peak_reserved_gib'] = _gib(torch.cuda.max_memory_reserved())
+        res['workloads'][wl] = r
+        save()
+        del tr, meter, out
+        gc.collect()
+    res['status'] = 'ok'
+    save()
+
+
+def prepare_worker(a):
+    "Measure the bf16 matmul ceiling, and build + save the random-weight model once."
+    import torch
+    res = dict(status='started')
+    def save(): Path(a.result).write_text(json.dumps(res, indent=1))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        p = torch.cuda.get_device_properties(0)
+        res.update(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)),
+                   gpu_memory_gib=_gib(p.total_memory), cuda=torch.version.cuda)
+        n, reps, best = 8192, 50, 0.0
+        x = torch.randn(n, n, device='cuda', dtype=torch.bfloat16); y = torch.randn(n, n, device='cuda', dtype=torch.bfloat16)
+        z = torch.empty(n, n, device='cuda', dtype=torch.bfloat16)
+        for _ in range(10): torch.mm(x, y, out=z)
+        trials = []
+        for _ in range(7):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(reps): torch.mm(x, y, out=z)
+            e.record(); torch.cuda.synchronize()
+            t = s.elapsed_time(e) / 1e3
+            trials.append(round(2 * n**3 * reps / t / 1e12, 1))
+        res['ceiling'] = dict(tflops=max(trials), trials=trials, method=f"torch.mm {n}x{n} @ {n}x{n} bf16, {reps} calls a trial, best of {len(trials)}")
+        del x, y, z; torch.cuda.empty_cache()
+    save()
+    conf = TINY if a.smoke else LLAMA31_8B
+    d = Path(a.model_dir)
+    res['model_params'] = n_params(conf)
+    ok = (d/'config.json').is_file() and (d/'tokenizer.json').is_file() and any(d.glob('*.safetensors'))
+    if ok:
+        c = json.loads((d/'config.json').read_text())
+        ok = all(c.get(k) == conf[k] for k in ('hidden_size', 'num_hidden_layers', 'intermediate_size', 'vocab_size'))
+    if ok: res['model'] = f"reused {d}"
+    else:
+        t0 = time.perf_counter()
+        from transformers import LlamaConfig, LlamaForCausalLM
+        sys.path.insert(0, str(ROOT))
+        from taide_ft.fixtures import llama3_tokenizer_dir
+        config = LlamaConfig.from_dict(conf)
+        torch.manual_seed(0)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly on the GPU: seconds, not minutes
+        try:
+            with torch.device('cuda' if cuda else 'cpu'): model = LlamaForCausalLM(config)
+        finally: torch.set_default_dtype(old)
+        model = model.to(torch.bfloat16)
+        res['built_params'] = sum(p.numel() for p in model.parameters())
+        tmp = d.with_name(d.name + '.tmp')
+        shutil.rmtree(tmp, ignore_errors=True); shutil.rmtree(d, ignore_errors=True)
+        model.save_pretrained(tmp, max_shard_size='5GB')
+        llama3_tokenizer_dir(tmp)
+        os.replace(tmp, d)
+        res['model'] = f"built {d} in {time.perf_counter() - t0:.0f} s"
+        del model
+    res['status'] = 'ok'
+    save()
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+def run_child(name, argv, timeout, log_dir, result):
+    "Run one worker in its own process group; kill the group on timeout. Returns (rc, seconds, log path)."
+    log = log_dir/f'{name}.log'
+    env = dict(os.environ, **OFFLINE_ENV)
+    env['PYTHONPATH'] = os.pathsep.join([str(ROOT)] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
+    t0 = time.perf_counter()
+    with open(log, 'w') as f:
+        p = subprocess.Popen([sys.executable, str(Path(__file__).resolve())] + argv + ['--result', str(result)],
+                             stdout=f, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env, start_new_session=True)
+        try: rc = p.wait(timeout=max(1, timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL); p.wait(); rc = 'timeout'
+    return rc, round(time.perf_counter() - t0, 1), log
+
+
+def tail(path, n=25):
+    try: return '\n'.join(Path(path).read_text(errors='replace').splitlines()[-n:])
+    except OSError: return ''
+
+
+def versions():
+    out = {'python': sys.version.split()[0]}
+    for p in ('torch', 'transformers', 'peft', 'trl', 'accelerate', 'datasets', 'bitsandbytes', 'unsloth', 'unsloth_zoo', 'taide_ft'):
+        try: out[p] = md.version(p)
+        except md.PackageNotFoundError: out[p] = None
+    return out
+
+
+def slug(s): return re.sub(r'[^a-z0-9]+', '-', (s or 'cpu').lower()).strip('-')
+
+
+def print_table(report):
+    ceiling = (report.get('ceiling') or {}).get('tflops')
+    N = report['model']['params']
+    rows = [('setup', 'workload', 'tokens/s', 's/step', 'rows/step', 'tok/step', 'pad %', 'peak GiB', 'recompute', 'MFU', 'batches')]
+    for s, r in report['results'].items():
+        for wl in report['args']['workloads']:
+            w = r.get('workloads', {}).get(wl)
+            if not w or 'tokens_per_s' not in w:
+                rows.append((s, wl, r.get('status', '?') if not w else w.get('error', '?'), '', '', '', '', '', '', '', '')); continue
+            rows.append((s, wl, f"{w['tokens_per_s']:,.0f}", f"{w['seconds_per_step']:.2f}", f"{w['rows_per_step']:g}",
+                         f"{w['real_tokens_per_step']:,.0f}", f"{100 * (w['padding_share'] or 0):.1f}",
+                         f"{w.get('peak_gib', '')}", f"{w.get('flops_per_token_rule', '')}",
+                         f"{100 * w['mfu']:.1f}%" if w.get('mfu') is not None else '', '; '.join(w.get('batch_format', []))))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    print()
+    for r in rows: print('  '.join(str(c).ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+    if ceiling: print(f"\nbf16 matmul ceiling {ceiling} TFLOP/s; N = {N:,} parameters; MFU = tokens/s x FLOPs a token / ceiling, "
+                      "FLOPs a token = 6N with activation recomputation (gradient checkpointing), 4N without (attention FLOPs not counted).")
+    for k, v in report.get('ratios', {}).items(): print(f"{k}: " + ', '.join(f"{wl} {x:.2f}x" for wl, x in v.items()))
+
+
+def driver(a):
+    start = time.perf_counter()
+    deadline = start + a.budget
+    stamp = dt.datetime.now(dt.timezone.utc)
+    work = Path(tempfile.mkdtemp(prefix='taide-bench-'))
+    log_dir = work/'logs'; log_dir.mkdir()
+    max_steps = a.warmup + a.steps
+    report = dict(date=stamp.isoformat(timespec='seconds'), versions=versions(),
+                  args=dict(setups=a.setups, workloads=a.workloads, warmup=a.warmup, steps=a.steps, budget_s=a.budget,
+                            smoke=a.smoke, model_dir=str(a.model_dir)),
+                  recipe=dict(batch=BATCH, grad_accum=ACCUM, max_length=SEQ, lora=LORA, seed=SEED, optim='adamw_8bit',
+                              learning_rate=2e-4),
+                  setups={s: SETUPS[s] for s in a.setups},
+                  workloads={wl: workload_spec(wl, max_steps) for wl in a.workloads},
+                  model=dict(config=TINY if a.smoke else LLAMA31_8B, params=n_params(TINY if a.smoke else LLAMA31_8B)),
+                  results={})
+    for wl in a.workloads:
+        report['workloads'][wl]['stats'] = row_stats(*make_rows(wl, rows_needed(wl, max_steps)))
+
+    name = None
+    def finish(final=True):
+        nonlocal name
+        N = report['model']['params']
+        ceiling = (report.get('ceiling') or {}).get('tflops')
+        for r in report['results'].values():
+            for w in r.get('workloads', {}).values():
+                if 'tokens_per_s' not in w: continue
+                k = 6 if w.get('recompute') is not False else 4
+                w['flops_per_token_rule'] = f"{k}N"
+                w['mfu'] = round(w['tokens_per_s'] * k * N / (ceiling * 1e12), 4) if ceiling else None
+        ratios = {}
+        res = report['results']
+        for other in ('b', 'c', 'c16'):
+            if 'a' in res and other in res:
+                q = {}
+                for wl in a.workloads:
+                    x, y = res['a'].get('workloads', {}).get(wl, {}), res[other].get('workloads', {}).get(wl, {})
+                    if x.get('tokens_per_s') and y.get('tokens_per_s'): q[wl] = round(x['tokens_per_s'] / y['tokens_per_s'], 3)
+                if q: ratios[f"tokens/s a/{other}"] = q
+        report['ratios'] = ratios
+        report['total_seconds'] = round(time.perf_counter() - start, 1)
+        res_dir = HERE/'results'; res_dir.mkdir(exist_ok=True)
+        if name is None:
+            base = f"{stamp.date().isoformat()}-{slug(report.get('gpu'))}"
+            name, i = base, 2
+            while (res_dir/f'{name}.json').exists(): name = f'{base}-{i}'; i += 1
+        path = res_dir/f'{name}.json'
+        report['complete'] = final
+        text = json.dumps(report, indent=1)
+        path.write_text(text)
+        out = os.environ.get('OUT')
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out)/path.name).write_text(text)
+            shutil.copytree(log_dir, Path(out)/'bench-logs', dirs_exist_ok=True)
+        if not final: return
+        print_table(report)
+        print(f"\nwrote {path}" + (f" and {Path(out)/path.name}" if out else '') + f"; logs in {log_dir}")
+
+    print(f"bench: setups {','.join(a.setups)}; workloads {','.join(a.workloads)}; {a.warmup} warm-up + {a.steps} measured steps; "
+          f"budget {a.budget} s; model {a.model_dir}", flush=True)
+    common = ['--model-dir', str(a.model_dir), '--max-length', str(SEQ), '--warmup', str(a.warmup), '--steps', str(a.steps),
+              '--workloads', ','.join(a.workloads), '--out-root', str(a.out_root)] + (['--smoke'] if a.smoke else [])
+    pres = work/'prepare.json'
+    rc, secs, log = run_child('prepare', ['--_prepare'] + common, min(a.build_timeout, deadline - time.perf_counter()), log_dir, pres)
+    prep = json.loads(pres.read_text()) if pres.is_file() else {}
+    report.update(gpu=prep.get('gpu'), capability=prep.get('capability'), gpu_memory_gib=prep.get('gpu_memory_gib'),
+                  cuda=prep.get('cuda'), ceiling=prep.get('ceiling'), model_build=dict(prep.get('model') and {'what': prep['model']} or {}, seconds=secs, rc=rc))
+    print(f"prepare: rc {rc} in {secs} s: {prep.get('gpu')}, ceiling {(prep.get('ceiling') or {}).get('tflops')} TFLOP/s, {prep.get('model')}", flush=True)
+    if rc != 0 or prep.get('status') != 'ok':
+        print(tail(log)); report['error'] = f"prepare failed (rc {rc})"; finish(); return 1
+    if a.prepare_only: return 0
+    for s in a.setups:
+        left = deadline - time.perf_counter()
+        if left < 45:
+            report['results'][s] = dict(status=f"skipped: {left:.0f} s of the budget left"); print(f"{s}: skipped (budget)"); continue
+        rpath = work/f'{s}.json'
+        rc, secs, log = run_child(s, ['--_worker', s] + common, min(a.setup_timeout, left - 5), log_dir, rpath)
+        r = json.loads(rpath.read_text()) if rpath.is_file() else dict(status='no result')
+        r.update(rc=rc, wall_seconds=secs)
+        if rc != 0:
+            r['status'] = f"failed (rc {rc}) after {r.get('status')}"; r['log_tail'] = tail(log, 40)
+            print(f"{s}: {r['status']}\n{r['log_tail']}", flush=True)
+        else:
+            print(f"{s}: ok in {secs} s (load {r.get('load_seconds')} s): " + ', '.join(
+                f"{wl} {w.get('tokens_per_s', w.get('error'))} tok/s" for wl, w in r.get('workloads', {}).items()), flush=True)
+        report['results'][s] = r
+        finish(final=False)  # keep what is done if a later setup runs past the machine's limit
+    finish()
+    return 0
+
+
+def dry_run(a):
+    max_steps = a.warmup + a.steps
+    print(f"setups: " + '; '.join(f"{s}: {SETUPS[s]}" for s in a.setups))
+    print(f"recipe: batch {BATCH} x accumulation {ACCUM}, max_length {SEQ}, LoRA {LORA}, {a.warmup} warm-up + {a.steps} measured steps")
+    print(f"model: {'tiny' if a.smoke else 'Llama-3.1-8B-shaped'}, N = {n_params(TINY if a.smoke else LLAMA31_8B):,} parameters, at {a.model_dir}")
+    for wl in a.workloads:
+        ids, labels = make_rows(wl, rows_needed(wl, max_steps))
+        print(f"\nworkload {wl}: {json.dumps(workload_spec(wl, max_steps))}")
+        print('  ' + json.dumps(row_stats(ids, labels)))
+        ids2, _ = make_rows(wl, rows_needed(wl, max_steps))
+        assert ids2 == ids, "rows must be the same in every process"
+        assert max(max(x) for x in ids) < TOKEN_HI and min(len(x) for x in ids) >= (MIX_MIN if wl == 'mix' else SEQ)
+    if 'a' in a.setups:
+        sys.path.insert(0, str(ROOT))
+        from taide_ft.config import load_config
+        cfg = SetupA.cfg(SimpleA(a), a.out_root/'a-full')
+        print(f"\n(a) config: BASE_MODEL_NAME={cfg.model.base_model_name} MAX_SEQ_LENGTH={cfg.model.max_seq_length} "
+              f"MAX_STEPS={cfg.train.max_steps} GRADIENT_CHECKPOINTING={cfg.train.gradient_checkpointing} PACKING={cfg.train.packing} "
+              f"LOAD_IN_4BIT={cfg.quant.load_in_4bit} TARGET_MODULES={','.join(cfg.lora.target_modules)}")
+        for m in ('taide_ft.model', 'taide_ft.training'):
+            print(f"    {m}: {'present' if importlib.util.find_spec(m) else 'missing (setup a will be reported as failed)'}")
+    return 0
+
+
+class SimpleA:
+    "Just enough of SetupA to build its config without importing the training modules."
+    def __init__(self, a):
+        from taide_ft.config import load_config
+        self.a, self.load_config = a, load_config
+
+
+def parse(argv=None):
+    global SEQ
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Setups: " + '; '.join(f"{k}: {v}" for k, v in SETUPS.items()))
+    p.add_argument('--setups', default='a,b,c', help="comma-separated, from a,b,c,c16 (default a,b,c)")
+    p.add_argument('--workloads', default='full,mix', help="comma-separated, from full,mix (default full,mix)")
+    p.add_argument('--warmup', type=int, default=2, help="optimizer steps before timing starts (default 2)")
+    p.add_argument('--steps', type=int, default=5, help="timed optimizer steps (default 5)")
+    p.add_argument('--model-dir', type=Path, default=None, help="random-weight model folder, built once if missing "
+                   "(default /dev/shm/llama8b, or /dev/shm/llama-tiny-bench with --smoke)")
+    p.add_argument('--out-root', type=Path, default=Path('/dev/shm/bench-out'), help="trainer output folders (default /dev/shm/bench-out)")
+    p.add_argument('--max-length', type=int, default=SEQ, help=f"tokens a row at most (default {SEQ}; lower only for quick checks)")
+    p.add_argument('--smoke', action='store_true', help="a tiny model of the same vocabulary instead of the 8B shape")
+    p.add_argument('--prepare-only', action='store_true', help="only measure the matmul ceiling and build the model (e.g. in a first, separate call)")
+    p.add_argument('--dry-run', action='store_true', help="build the workloads, print their statistics and the plan; no GPU needed")
+    p.add_argument('--budget', type=float, default=540, help="seconds for the whole run; setups that would start later are skipped (default 540)")
+    p.add_argument('--setup-timeout', type=float, default=240, help="seconds for one setup's process (default 240)")
+    p.add_argument('--build-timeout', type=float, default=300, help="seconds for the matmul ceiling + model build (default 300)")
+    p.add_argument('--_worker', dest='worker', help=argparse.SUPPRESS)
+    p.add_argument('--_prepare', dest='prepare', action='store_true', help=argparse.SUPPRESS)
+    p.add_argument('--result', help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.setups = [s.strip() for s in a.setups.split(',') if s.strip()]
+    a.workloads = [w.strip() for w in a.workloads.split(',') if w.strip()]
+    bad = [s for s in a.setups if s not in SETUPS] + [w for w in a.workloads if w not in WORKLOADS]
+    if bad: p.error(f"unknown setup or workload: {', '.join(bad)}")
+    if a.warmup < 1 or a.steps < 1: p.error("--warmup and --steps must be at least 1")
+    if a.model_dir is None: a.model_dir = Path('/dev/shm/llama-tiny-bench' if a.smoke else '/dev/shm/llama8b')
+    if a.worker: a.setup = a.worker
+    SEQ = a.max_length  # read at call time by the workload builders and the setups
+    return a
+
+
+def main(argv=None):
+    a = parse(argv)
+    if a.prepare: return prepare_worker(a)
+    if a.worker:
+        sys.path.insert(0, str(ROOT))
+        return worker(a)
+    if a.dry_run: return dry_run(a)
+    return driver(a)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
