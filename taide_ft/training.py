@@ -17,7 +17,7 @@ from .model import ModelError, checkpointing
 # %% auto #0
 __all__ = ['log', 'PadCollator', 'checkpoint_complete', 'checkpoints', 'last_checkpoint', 'TrainingDiverged',
            'TrainingInterrupted', 'GPUOutOfMemory', 'TrainMonitor', 'make_trainer', 'oom_advice', 'TrainStats', 'train',
-           'save_adapter', 'plot_loss']
+           'save_adapter', 'PNGPath', 'plot_loss']
 
 # %% ../nbs/04_training.ipynb #e931d38f
 log = logging.getLogger('taide_ft.training')  # by name, not __name__, so that the notebook logs as the module does
@@ -358,11 +358,15 @@ def save_adapter(cfg:RunConfig, model, tokenizer) -> Path:
     log.info(f"saved the LoRA adapter, tokenizer and config.ini to {dest}")
     return dest
 
-# %% ../nbs/04_training.ipynb #462349a7
+# %% ../nbs/04_training.ipynb #32ab4f32
+class PNGPath(type(Path())):
+    "The path of a PNG file, shown as the image when a notebook displays it."
+    def _repr_png_(self): return self.read_bytes()
+
 def plot_loss(stats_or_log_history, # `TrainStats`, a path to train_stats.json, its dict, or a log_history list
               path:str|Path|None=None # PNG to write; default loss.png beside train_stats.json, else ./loss.png
-             ) -> Path:
-    "Draw training (and eval) loss against step and save it as a PNG; returns its path."
+             ) -> PNGPath:
+    "Draw training (and eval) loss against step and save it as a PNG; returns its path (which a notebook shows)."
     src = stats_or_log_history
     if isinstance(src, (str, Path)):
         path = path or Path(src).with_name('loss.png')
@@ -378,4 +382,4 @@ def plot_loss(stats_or_log_history, # `TrainStats`, a path to train_stats.json, 
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.grid(alpha=.3); ax.legend()
     path = Path(path or 'loss.png')
     with atomic_path(path) as tmp: fig.savefig(tmp, format='png', bbox_inches='tight')
-    return path
+    return PNGPath(path)
