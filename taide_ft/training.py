@@ -96,12 +96,12 @@ def _gpu_gib():
     import torch
     return torch.cuda.max_memory_reserved()/2**30 if torch.cuda.is_available() else None
 
-# %% ../nbs/04_training.ipynb #a73b7463
+# %% ../nbs/04_training.ipynb #1e0b79c1
 class TrainMonitor:
     "Trainer callback: log lines, non-finite loss check, and a graceful stop on request."
     def __init__(self, max_steps:int, last_good:Callable|None=None):
         self.max_steps, self.stop_requested, self.trainer = max_steps, False, None
-        self.t0 = self.t_last = self.t_first = None; self.step0 = self.step_last = 0; self.tokens_last = self.tokens_first = 0
+        self.t0 = self.t_last = self.t_first = self.t_end = None; self.step0 = self.step_last = 0; self.tokens_last = self.tokens_first = 0
         self.last_good = last_good or (lambda: None)  # returns the newest complete checkpoint, for messages
 
     def tokens(self) -> int:
@@ -109,7 +109,11 @@ class TrainMonitor:
         return int(getattr(self.trainer, '_taide_tokens', 0))
 
     def on_train_begin(self, args, state, control, **kw):
-        self.t0 = self.t_last = time.time(); self.step0 = self.step_last = state.global_step; self.tokens_last = 0
+        self.t0 = self.t_last = time.time(); self.step0 = None; self.tokens_last = 0
+
+    def on_step_begin(self, args, state, control, **kw):
+        # a resumed state is loaded after on_train_begin, so the run's first step is known only here
+        if self.step0 is None: self.step0 = self.step_last = state.global_step
 
     def on_step_end(self, args, state, control, **kw):
         loss = self.trainer._taide_step_loss() if self.trainer is not None else None
@@ -124,15 +128,18 @@ class TrainMonitor:
             control.should_save = control.should_training_stop = True
         return control
 
+    def on_train_end(self, args, state, control, **kw): self.t_end = time.time()
+
     def steady_tokens_per_s(self) -> float|None:
-        "Real tokens a second after the first step of this run, or None before the second step."
-        if self.t_first is None or time.time() - self.t_first < 1e-3 or self.tokens() <= self.tokens_first: return None
-        return (self.tokens() - self.tokens_first)/(time.time() - self.t_first)
+        "Real tokens a second after the first step of this run (to the end of training), or None before the second step."
+        end = self.t_end or time.time()
+        if self.t_first is None or end - self.t_first < 1e-3 or self.tokens() <= self.tokens_first: return None
+        return (self.tokens() - self.tokens_first)/(end - self.t_first)
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs, step, now = logs or {}, state.global_step, time.time()
         if 'loss' in logs:
-            done = max(step - self.step0, 1); el = now - self.t0
+            done = max(step - (self.step0 if self.step0 is not None else step), 1); el = now - self.t0
             tok = self.tokens(); tps = (tok - self.tokens_last)/max(now - self.t_last, 1e-9)
             gib = _gpu_gib()
             log.info(f"step {step}/{state.max_steps} | loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e} | {tps:,.0f} tok/s | "
@@ -310,7 +317,7 @@ def _stats(trainer, cfg, backend, runtime, resumed_from, interrupted) -> TrainSt
                       tokens=tokens, backend=backend, device=torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu',
                       interrupted=interrupted, log_history=hist)
 
-# %% ../nbs/04_training.ipynb #04914765
+# %% ../nbs/04_training.ipynb #1caa272d
 def train(cfg:RunConfig, model, tokenizer, data) -> TrainStats:
     "Train `model` (with LoRA) on `data`, resuming from the last checkpoint; save the adapter, statistics and loss curve."
     import torch
@@ -329,13 +336,15 @@ def train(cfg:RunConfig, model, tokenizer, data) -> TrainStats:
     t0 = time.time()
     try:
         with _ctrl_c_stops(mon): trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except torch.OutOfMemoryError as e:
+    except RuntimeError as e:  # torch.OutOfMemoryError, or a library's own "out of memory" error
+        if not (isinstance(e, torch.OutOfMemoryError) or 'out of memory' in str(e).lower()): raise
         if has_cuda(): torch.cuda.empty_cache()
         raise GPUOutOfMemory(oom_advice(cfg)) from e
+    runtime = time.time() - t0
     interrupted = mon.stop_requested and trainer.state.global_step < t.max_steps
     if trainer.eval_dataset is not None and not interrupted and not any(h.get('step') == trainer.state.global_step and 'eval_loss' in h for h in trainer.state.log_history):
         trainer.evaluate()
-    stats = _stats(trainer, cfg, backend, time.time() - t0, resumed_from, interrupted)
+    stats = _stats(trainer, cfg, backend, runtime, resumed_from, interrupted)
     if not interrupted: stats.adapter_dir = str(save_adapter(cfg, trainer.model, tokenizer))
     stats.save(cfg.output_dir/'train_stats.json')
     try:

@@ -164,9 +164,12 @@ def run_stage(name):
 # ---- one process per stage ----
 _KEEP = re.compile(r'^(stage |step |training |loaded |LoRA |saved the|resuming|dataset:|built |note:|GPU_RESULT|CHECK FAILED|Traceback|\w*Error|  File )')
 
+DEADLINE = time.time() + float(os.environ.get('TAIDE_FT_GPU_BUDGET', '560'))  # stop stages before the caller's limit
+
 def spawn(name, timeout=420):
-    "Start a stage in a new process, its output in LOGS/gpu_<name>.txt."
+    "Start a stage in a new process, its output in LOGS/gpu_<name>.txt; killed at `timeout` s or the deadline."
     LOGS.mkdir(parents=True, exist_ok=True)
+    timeout = max(5, min(timeout, DEADLINE - time.time()))
     f = open(LOGS/f'gpu_{name}.txt', 'w')
     p = subprocess.Popen([sys.executable, __file__, name], cwd=ROOT, env=_stage_env(), stdout=f, stderr=subprocess.STDOUT)
     p._log, p._t0, p._timeout = LOGS/f'gpu_{name}.txt', time.time(), timeout
@@ -174,7 +177,7 @@ def spawn(name, timeout=420):
 
 def finish(p, name):
     "Wait for a stage; print its kept lines; return (exit code, result dict or None)."
-    try: rc = p.wait(max(1, p._timeout - (time.time() - p._t0)))
+    try: rc = p.wait(max(1, min(p._timeout - (time.time() - p._t0), DEADLINE - time.time())))
     except subprocess.TimeoutExpired: p.kill(); rc = 'timeout'
     lines = p._log.read_text(errors='replace').splitlines()
     kept = [l for l in lines if _KEEP.match(l)]
@@ -188,15 +191,15 @@ def main():
     if not torch.cuda.is_available(): print("no CUDA GPU: nothing to check"); return 0
     from importlib import util
     t0, results, failed = time.time(), [], []
-    builder = spawn('build-8b', timeout=400)  # CPU-bound saving overlaps the small runs
+    builder = spawn('build-8b', timeout=300)  # CPU-bound saving overlaps the small runs
     stages = ['small-transformers'] + (['small-unsloth'] if util.find_spec('unsloth') else [])
     for name in stages:
-        rc, res = finish(spawn(name, timeout=240), name)
+        rc, res = finish(spawn(name, timeout=180), name)
         (results.append(res) if res else None); (failed.append(name) if rc != 0 else None)
     rc, _ = finish(builder, 'build-8b')
     if rc != 0: failed.append('build-8b')
     elif util.find_spec('unsloth'):
-        rc, res = finish(spawn('8b-unsloth', timeout=420), '8b-unsloth')
+        rc, res = finish(spawn('8b-unsloth', timeout=360), '8b-unsloth')
         (results.append(res) if res else None); (failed.append('8b-unsloth') if rc != 0 else None)
     cols = ['stage', 'backend', 'steps', 'first_loss', 'final_loss', 'tokens_per_s', 'steady_tokens_per_s',
             'peak_reserved_gib', 'peak_allocated_gib', 'load_s', 'train_s', 'mean_len', 'max_len']

@@ -173,6 +173,7 @@ def test_ctrl_c_saves_then_kill_and_resume(tmp_path, tiny):
     model, tok = load_model(cfg)
     stats = train(cfg, add_lora(model, cfg), tok, build_dataset(cfg, tok))
     assert (stats.resumed_from, stats.steps) == (killed_at, 12)
+    assert stats.steady_tokens_per_s > 0 and stats.tokens > 0  # measured over this run's own steps
     assert [s for s, _, ok in checkpoints(out) if ok][-1] == 12
     steps = [int(re.search(r'step (\d+)/12 ', l).group(1)) for l in loss_lines(out)]
     assert steps[-1] == 12 and set(range(1, 13)) <= set(steps)
