@@ -27,10 +27,8 @@ setuptools.setup(
     python_requires='>=' + cfg['min_python'],
     install_requires=requirements,
     extras_require={'dev': dev_requirements,
-                    # GPU server extras; CUDA wheels of torch come from the user's own index
-                    'gpu': ['unsloth', 'bitsandbytes'],
-                    # GGUF quantizer and verifier: built from source, see README
-                    'export': ['llama-cpp-python>=0.3.7']},
+                    # GPU servers: CUDA builds of torch come from the user's own index
+                    'gpu': ['unsloth', 'bitsandbytes']},
     entry_points={'console_scripts': scripts, 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
 )

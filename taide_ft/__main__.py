@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/07_main.ipynb #46ae374a
+# %% ../nbs/07_main.ipynb #6768f940
 import sys
 from .cli import main
 
-# %% ../nbs/07_main.ipynb #15cfde9c
+# %% ../nbs/07_main.ipynb #69740883
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())

@@ -564,7 +564,7 @@ def check_disk(folder:str|Path, need:int):
                           f"and {free/1e9:.1f} GB are free. Free some space or set OUTPUT_DIR to a bigger disk.")
     return free
 
-# %% ../nbs/05_export.ipynb #57d40c44
+# %% ../nbs/05_export.ipynb #6fec13bb
 def _sha256(path, chunk=1 << 24):
     h = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -586,6 +586,8 @@ class ExportResult:
     manifest_path: Path  # manifest.json
     merged_dir: Path  # merged Hugging Face model folder
     ollama_command: str  # the `ollama create` line to run
+    @property
+    def gguf(self) -> Path: return next(iter(self.ggufs.values()))  # the GGUF of the first QUANTIZATION_METHOD
 
 # %% ../nbs/05_export.ipynb #699e5470
 def _sixteen_bit(merged):

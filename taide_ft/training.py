@@ -16,8 +16,8 @@ from .model import ModelError, checkpointing
 
 # %% auto #0
 __all__ = ['log', 'PadCollator', 'checkpoint_complete', 'checkpoints', 'last_checkpoint', 'TrainingDiverged',
-           'TrainingInterrupted', 'GPUOutOfMemory', 'TrainMonitor', 'make_trainer', 'oom_advice', 'TrainStats', 'train',
-           'save_adapter', 'PNGPath', 'plot_loss']
+           'TrainingInterrupted', 'GPUOutOfMemory', 'TrainMonitor', 'real_tokens', 'batch_format', 'pack_rows',
+           'make_trainer', 'oom_advice', 'TrainStats', 'train', 'save_adapter', 'PNGPath', 'plot_loss']
 
 # %% ../nbs/04_training.ipynb #e931d38f
 log = logging.getLogger('taide_ft.training')  # by name, not __name__, so that the notebook logs as the module does
@@ -151,7 +151,14 @@ class TrainMonitor:
     def on_save(self, args, state, control, **kw):
         log.info(f"saved checkpoint-{state.global_step} (adapter, optimizer, scheduler)")
 
-# %% ../nbs/04_training.ipynb #b7cda8f5
+# %% ../nbs/04_training.ipynb #5d682a51
+def real_tokens(batch:dict):
+    "Real (non-padding) tokens in a collated batch: the attention mask's ones, or every token of a padding-free batch."
+    mask = batch.get('attention_mask')
+    if mask is not None: return mask.sum()
+    # padding-free batches are one concatenated row with no padding (no pad_to_multiple_of)
+    return batch['input_ids'].numel()
+
 def _trainer_class(base):
     class TaideTrainer(base):
         _taide_tokens, _taide_loss, _taide_plain_loss = 0, None, False
@@ -160,8 +167,7 @@ def _trainer_class(base):
             from transformers import Trainer
             return Trainer.compute_loss(self, model, inputs, *args, **kwargs)
         def training_step(self, model, inputs, *args, **kwargs):
-            mask = inputs.get('attention_mask')
-            if mask is not None: self._taide_tokens = self._taide_tokens + mask.sum()
+            self._taide_tokens = self._taide_tokens + real_tokens(inputs)
             loss = super().training_step(model, inputs, *args, **kwargs)
             self._taide_loss = loss.detach() if self._taide_loss is None else self._taide_loss + loss.detach()
             return loss
@@ -179,7 +185,18 @@ def _progress_bar() -> bool:
     except OSError: parent = b''
     return b'papermill' not in parent and b'nbclient' not in parent
 
-# %% ../nbs/04_training.ipynb #fc4f64cb
+# %% ../nbs/04_training.ipynb #bca95787
+def batch_format(cfg:RunConfig, backend:str) -> str:
+    "How rows form micro-batches: 'padding-free', 'packed' or 'padded' (see the table above)."
+    if cfg.train.packing == 'off' or backend != 'unsloth': return 'padded'
+    return 'packed' if cfg.train.packing == 'on' else 'padding-free'
+
+def pack_rows(ds, max_length:int):
+    "Pack tokenized rows (best-fit decreasing) into bins of at most `max_length` tokens, keeping labels and row lengths."
+    from trl.data_utils import pack_dataset
+    return pack_dataset(ds.select_columns(['input_ids', 'labels']), max_length, 'bfd')
+
+# %% ../nbs/04_training.ipynb #7c1a437c
 def _splits(data):
     "(train, eval or None) from a `taide_ft.dataset.Data`, a `datasets.Dataset` or a list of rows."
     train, ev = (data.train, getattr(data, 'eval', None)) if hasattr(data, 'train') else (data, None)
@@ -196,7 +213,7 @@ def _check_rows(ds, cfg, name):
     if max(lengths) > cfg.model.max_seq_length:
         raise ValueError(f"the {name} data has a row of {max(lengths)} tokens, over [Model] MAX_SEQ_LENGTH = {cfg.model.max_seq_length}: build the data with the same config as training.")
 
-# %% ../nbs/04_training.ipynb #31c43e00
+# %% ../nbs/04_training.ipynb #e2687fd5
 def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_LENGTH, OUTPUT_DIR
                  model, # from `add_lora`
                  tokenizer, # from `load_model`
@@ -214,7 +231,10 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
     _check_rows(train_ds, cfg, 'training')
     if eval_ds is not None: _check_rows(eval_ds, cfg, 'eval')
     t, cuda, dtype = cfg.train, has_cuda(), pick_dtype(cfg)
-    gc = checkpointing(cfg, backend)
+    gc, fmt = checkpointing(cfg, backend, model), batch_format(cfg, backend)
+    if fmt == 'packed':
+        n = len(train_ds); train_ds = pack_rows(train_ds, cfg.model.max_seq_length)
+        log.info(f"PACKING = on: {n} rows packed into {len(train_ds)} bins of at most {cfg.model.max_seq_length} tokens")
     every = t.save_steps if t.save_steps else None
     kw = dict(output_dir=str(cfg.output_dir), per_device_train_batch_size=t.per_device_train_batch_size,
               per_device_eval_batch_size=t.per_device_train_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -225,23 +245,28 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
               seed=t.seed, data_seed=t.seed, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
               report_to='none', disable_tqdm=not _progress_bar(), logging_nan_inf_filter=False,
               remove_unused_columns=False, dataset_kwargs={'skip_prepare_dataset': True},
-              max_length=cfg.model.max_seq_length, packing=False)
+              # padding-free without packing: TRL refuses max_length, and _check_rows has enforced it already
+              max_length=None if fmt == 'padding-free' else cfg.model.max_seq_length,
+              packing=fmt == 'packed', padding_free=fmt != 'padded')
     if not cuda: kw['use_cpu'] = True
     if backend != 'unsloth':  # Unsloth keeps its own checkpointing, set by get_peft_model
         # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; the old name still works
         name = 'activation_checkpointing' if 'activation_checkpointing' in SFTConfig.__dataclass_fields__ else 'gradient_checkpointing'
         kw.update({name: bool(gc), f'{name}_kwargs': {'use_reentrant': False} if gc else None},
                   activation_offloading=cuda and t.gradient_checkpointing == 'offload')
-    if t.packing == 'on': log.warning("PACKING = on is not applied: rows are padded per batch (packing needs flash-attention to keep rows apart).")
+    log.info(f"batches: {fmt}" + (f" (PACKING = {t.packing} applies on the Unsloth backend only: the transformers backend pads each batch)"
+                                   if fmt == 'padded' and t.packing != 'off' else f" (PACKING = {t.packing})"))
     monitor = type('TrainMonitorCallback', (TrainMonitor, TrainerCallback), {})(t.max_steps, lambda: last_checkpoint(cfg.output_dir))
-    trainer = _trainer_class(SFTTrainer)(model=model, args=SFTConfig(**kw), data_collator=PadCollator(tokenizer.pad_token_id, 8 if cuda else None),
+    trainer = _trainer_class(SFTTrainer)(model=model, args=SFTConfig(**kw),
+                                         # None: TRL's padding-free collator (Unsloth's, on its backend)
+                                         data_collator=PadCollator(tokenizer.pad_token_id, 8 if cuda else None) if fmt == 'padded' else None,
                                          train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, callbacks=[monitor])
     trainer._taide_plain_loss = not cuda
     trainer.remove_callback(PrinterCallback)  # it prints each log dict; the monitor's lines replace it
     monitor.trainer, trainer._taide_monitor = trainer, monitor
     return trainer
 
-# %% ../nbs/04_training.ipynb #030bb01d
+# %% ../nbs/04_training.ipynb #75d11022
 def oom_advice(cfg:RunConfig) -> str:
     "What to change in `config.ini` after CUDA ran out of memory, with the current values."
     b, g, n = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps, cfg.model.max_seq_length
@@ -265,7 +290,7 @@ def _ctrl_c_stops(monitor):
     try: yield
     finally: signal.signal(signal.SIGINT, prev)
 
-# %% ../nbs/04_training.ipynb #a473a32b
+# %% ../nbs/04_training.ipynb #ed9c97cc
 @dataclass
 class TrainStats:
     final_loss: float|None = None  # last logged training loss
@@ -317,7 +342,7 @@ def _stats(trainer, cfg, backend, runtime, resumed_from, interrupted) -> TrainSt
                       tokens=tokens, backend=backend, device=torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu',
                       interrupted=interrupted, log_history=hist)
 
-# %% ../nbs/04_training.ipynb #1caa272d
+# %% ../nbs/04_training.ipynb #7bf44813
 def train(cfg:RunConfig, model, tokenizer, data) -> TrainStats:
     "Train `model` (with LoRA) on `data`, resuming from the last checkpoint; save the adapter, statistics and loss curve."
     import torch
@@ -355,7 +380,7 @@ def train(cfg:RunConfig, model, tokenizer, data) -> TrainStats:
         raise TrainingInterrupted(f"stopped by Ctrl-C at step {stats.steps}/{t.max_steps}; saved checkpoint-{stats.steps} in {cfg.output_dir}. Run again with the same OUTPUT_DIR to resume.")
     return stats
 
-# %% ../nbs/04_training.ipynb #3c39e4b0
+# %% ../nbs/04_training.ipynb #23183787
 def save_adapter(cfg:RunConfig, model, tokenizer) -> Path:
     "Save the LoRA adapter, tokenizer and resolved config to `OUTPUT_DIR/adapter`, atomically."
     if not hasattr(model, 'peft_config'): raise ModelError("the model has no LoRA adapter to save: call `add_lora(model, cfg)` and train first.")
@@ -367,7 +392,7 @@ def save_adapter(cfg:RunConfig, model, tokenizer) -> Path:
     log.info(f"saved the LoRA adapter, tokenizer and config.ini to {dest}")
     return dest
 
-# %% ../nbs/04_training.ipynb #32ab4f32
+# %% ../nbs/04_training.ipynb #13c0c97c
 class PNGPath(type(Path())):
     "The path of a PNG file, shown as the image when a notebook displays it."
     def _repr_png_(self): return self.read_bytes()

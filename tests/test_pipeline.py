@@ -54,7 +54,10 @@ def test_outputs_manifest_gguf_modelfile(run):
     assert [p.name for p in ggufs if 'q4_k_m' in p.name], ggufs
     names = {f['name'] for f in manifest['files']}
     assert 'Modelfile' in names and any(n.endswith('q4_k_m.gguf') for n in names)
-    assert (outputs/'Modelfile').read_text().startswith('FROM ')
+    mf = (outputs/'Modelfile').read_text().splitlines()
+    frm = [l for l in mf if l.startswith('FROM ')]
+    assert len(frm) == 1 and (outputs/frm[0].split()[1]).is_file(), frm
+    assert 'PARAMETER stop "<|eot_id|>"' in mf and 'PARAMETER num_ctx 256' in mf
     stats = json.loads((outputs/'train_stats.json').read_text())
     assert stats['steps'] == 3
     assert 'step 3/3' in (outputs/'finetune.log').read_text()
@@ -62,8 +65,9 @@ def test_outputs_manifest_gguf_modelfile(run):
 
 def test_gguf_loads_in_llama_cpp_and_verification_passed(run):
     _, _, outputs = run
-    report = json.loads((outputs/'verification.json').read_text())
-    assert report['passed'] is True
+    report = json.loads((outputs/'export_report.json').read_text())
+    assert report['results'] and all(r['passed'] for r in report['results'].values())
+    assert report['results']['q4_k_m']['top1_agreement'] >= 0.6
     from llama_cpp import Llama
     q4 = next(outputs.glob('*q4_k_m.gguf'))
     llm = Llama(model_path=str(q4), n_ctx=64, verbose=False)
