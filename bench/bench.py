@@ -25,6 +25,8 @@ ROOT = HERE.parent
 
 SETUPS = {
     'a': "taide_ft default path (config.ini) via load_model / add_lora / make_trainer",
+    'a-pack': "taide_ft with PACKING = on (rows packed into 2048-token bins), otherwise the default",
+    'a-lean': "taide_ft with GRADIENT_CHECKPOINTING = offload (the low-memory mode), otherwise the default",
     'b': "Unsloth Llama 3.1 notebook recipe: FastLanguageModel 4-bit + TRL SFTTrainer",
     'c': "transformers + PEFT + TRL SFTTrainer, bitsandbytes nf4 (double quant, bf16 compute)",
     'c16': "transformers + PEFT + TRL SFTTrainer, bf16 weights (no quantization; not run by default)",
@@ -267,14 +269,16 @@ class SetupA:
         from taide_ft.config import load_config
         self.load_config = load_config
 
+    overrides = {}  # config keys a variant sets on top of config.ini; none for (a) itself
+
     def cfg(self, out_dir):
         return self.load_config(ROOT/'config.ini', check_files=False, base_model_name=str(self.a.model_dir),
                                 max_seq_length=SEQ, max_steps=self.a.warmup + self.a.steps,
                                 warmup_steps=min(5, self.a.warmup + self.a.steps - 1), output_dir=str(out_dir),
-                                save_steps=0, resume=False, logging_steps=1, seed=SEED)
+                                save_steps=0, resume=False, logging_steps=1, seed=SEED, **self.overrides)
 
     def load(self):
-        cfg = self.cfg(self.a.out_root/'a-load')
+        cfg = self.cfg(self.a.out_root/f'{self.a.setup}-load')
         out = _flex_call(self.M.load_model, ['cfg'], cfg=cfg)
         model, tok = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
         if tok is None:
@@ -292,7 +296,7 @@ class SetupA:
         return model, tok, info
 
     def trainer(self, model, tok, ds, workload):
-        cfg = self.cfg(self.a.out_root/f'a-{workload}')
+        cfg = self.cfg(self.a.out_root/f'{self.a.setup}-{workload}')
         try:
             from taide_ft.dataset import Data
             n = len(ds); tokens = sum(ds['length'])
@@ -306,7 +310,8 @@ class SetupA:
         tr = _flex_call(self.T.make_trainer, ['cfg', 'model', 'tokenizer', 'data'], cfg=cfg, model=model, tokenizer=tok, data=data)
         tr = _first_with(tr, 'train')
         args = tr.args
-        self.last = dict(trainer=type(tr).__name__, packing=getattr(args, 'packing', None),
+        self.last = dict(trainer=type(tr).__name__, checkpointing=str(getattr(model, '_taide_ft_checkpointing', None)),
+                         data_collator=type(tr.data_collator).__name__, packing=getattr(args, 'packing', None),
                          padding_free=getattr(args, 'padding_free', None), optim=str(getattr(args, 'optim', None)),
                          gradient_checkpointing_arg=getattr(args, 'gradient_checkpointing', None),
                          group_by_length=getattr(args, 'group_by_length', None),
@@ -375,7 +380,17 @@ class SetupC:
 
 class SetupC16(SetupC): quantize = False
 
-SETUP_CLASSES = {'a': SetupA, 'b': SetupB, 'c': SetupC, 'c16': SetupC16}
+class SetupAPack(SetupA):
+    "taide_ft with PACKING = on."
+    overrides = dict(packing='on')
+
+
+class SetupALean(SetupA):
+    "taide_ft with GRADIENT_CHECKPOINTING = offload."
+    overrides = dict(gradient_checkpointing='offload')
+
+
+SETUP_CLASSES = {'a': SetupA, 'a-pack': SetupAPack, 'a-lean': SetupALean, 'b': SetupB, 'c': SetupC, 'c16': SetupC16}
 
 
 def _gib(x): return round(x / 2**30, 2)
@@ -586,7 +601,7 @@ def driver(a):
         report['complete'] = final
         text = json.dumps(report, indent=1)
         path.write_text(text)
-        out = os.environ.get('OUT')
+        out = os.environ.get('TAIDE_FT_LOG_DIR')
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out)/path.name).write_text(text)
@@ -640,30 +655,41 @@ def dry_run(a):
         ids2, _ = make_rows(wl, rows_needed(wl, max_steps))
         assert ids2 == ids, "rows must be the same in every process"
         assert max(max(x) for x in ids) < TOKEN_HI and min(len(x) for x in ids) >= (MIX_MIN if wl == 'mix' else SEQ)
-    if 'a' in a.setups:
+    ours = [s for s in a.setups if s.startswith('a')]
+    if ours:
         sys.path.insert(0, str(ROOT))
-        from taide_ft.config import load_config
-        cfg = SetupA.cfg(SimpleA(a), a.out_root/'a-full')
-        print(f"\n(a) config: BASE_MODEL_NAME={cfg.model.base_model_name} MAX_SEQ_LENGTH={cfg.model.max_seq_length} "
-              f"MAX_STEPS={cfg.train.max_steps} GRADIENT_CHECKPOINTING={cfg.train.gradient_checkpointing} PACKING={cfg.train.packing} "
-              f"LOAD_IN_4BIT={cfg.quant.load_in_4bit} TARGET_MODULES={','.join(cfg.lora.target_modules)}")
         for m in ('taide_ft.model', 'taide_ft.training'):
-            print(f"    {m}: {'present' if importlib.util.find_spec(m) else 'missing (setup a will be reported as failed)'}")
+            print(f"\n{m}: {'present' if importlib.util.find_spec(m) else 'missing (setups a* will be reported as failed)'}", end='')
+        print()
+        from taide_ft.environment import has_cuda, pick_backend
+        from taide_ft.model import activation_gib, choose_checkpointing
+        from taide_ft.training import batch_format
+        for s in ours:
+            cfg = SetupA.cfg(SimpleA(a, SETUP_CLASSES[s].overrides), a.out_root/f'{s}-full')
+            print(f"({s}) config: BASE_MODEL_NAME={cfg.model.base_model_name} MAX_SEQ_LENGTH={cfg.model.max_seq_length} "
+                  f"MAX_STEPS={cfg.train.max_steps} GRADIENT_CHECKPOINTING={cfg.train.gradient_checkpointing} PACKING={cfg.train.packing} "
+                  f"LOAD_IN_4BIT={cfg.quant.load_in_4bit} TARGET_MODULES={','.join(cfg.lora.target_modules)}")
+            shape = TINY if a.smoke else LLAMA31_8B
+            act = activation_gib(BATCH * SEQ, shape['num_hidden_layers'], shape['hidden_size'])
+            # on the GPU the free memory is measured after loading; here, what one H200 leaves with a 4-bit 8B loaded
+            for where, backend, cuda, free in (('here', pick_backend(cfg), has_cuda(), 0.0), ('H200, Unsloth 4-bit 8B', 'unsloth', True, 134.0)):
+                gc_, why = choose_checkpointing(cfg.train.gradient_checkpointing, backend, cuda, act, free)
+                print(f"    {where}: backend {backend}, batches {batch_format(cfg, backend)}, gradient checkpointing {gc_} ({why})")
     return 0
 
 
 class SimpleA:
-    "Just enough of SetupA to build its config without importing the training modules."
-    def __init__(self, a):
+    "Just enough of SetupA to build its config without loading a model."
+    def __init__(self, a, overrides=None):
         from taide_ft.config import load_config
-        self.a, self.load_config = a, load_config
+        self.a, self.load_config, self.overrides = a, load_config, overrides or {}
 
 
 def parse(argv=None):
     global SEQ
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Setups: " + '; '.join(f"{k}: {v}" for k, v in SETUPS.items()))
-    p.add_argument('--setups', default='a,b,c', help="comma-separated, from a,b,c,c16 (default a,b,c)")
+    p.add_argument('--setups', default='a,a-pack,a-lean,b,c', help="comma-separated, from a,a-pack,a-lean,b,c,c16 (default a,a-pack,a-lean,b,c)")
     p.add_argument('--workloads', default='full,mix', help="comma-separated, from full,mix (default full,mix)")
     p.add_argument('--warmup', type=int, default=2, help="optimizer steps before timing starts (default 2)")
     p.add_argument('--steps', type=int, default=5, help="timed optimizer steps (default 5)")

@@ -11,14 +11,14 @@ Each stage runs in its own process (Unsloth patches transformers for the whole p
     python3 tests/test_gpu.py            # prints each stage's log lines and a summary table; exit 1 if one failed
 or one stage: python3 tests/test_gpu.py small-transformers | small-unsloth | build-8b | 8b-unsloth
 or under pytest:  pytest -s tests/test_gpu.py
-Scratch files go to $TAIDE_FT_GPU_WORK (default /dev/shm/taide_ft_gpu); stage logs also to $OUT if it is set."""
+Scratch files go to $TAIDE_FT_GPU_WORK (default /dev/shm/taide_ft_gpu); stage logs also to $TAIDE_FT_LOG_DIR if it is set."""
 import json, math, os, re, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get('TAIDE_FT_GPU_WORK', '/dev/shm/taide_ft_gpu'))
 BIG = Path(os.environ.get('TAIDE_FT_8B_DIR', '/dev/shm/llama31-8b-shape'))
-LOGS = Path(os.environ.get('OUT') or WORK)
+LOGS = Path(os.environ.get('TAIDE_FT_LOG_DIR') or WORK)
 
 SMALL_INI = """[Model]
 BASE_MODEL_NAME = {base}
@@ -140,12 +140,16 @@ def run_stage(name):
     model = add_lora(model, cfg)
     stats = train(cfg, model, tok, data)
     first = stats.log_history[0]['loss']
+    logged = (cfg.output_dir/'finetune.log').read_text(errors='replace')
+    batches = (re.findall(r'batches: ([\w-]+)', logged) or [None])[-1]
+    gc_line = (re.findall(r'gradient checkpointing (.*)', logged) or [None])[-1]
     res = dict(stage=name, backend=stats.backend, four_bit=four_bit, steps=stats.steps, first_loss=round(first, 4),
                final_loss=round(stats.final_loss, 4), tokens=stats.tokens, tokens_per_s=stats.tokens_per_s,
                steady_tokens_per_s=stats.steady_tokens_per_s, peak_reserved_gib=round(stats.peak_mem_gib, 2),
                peak_allocated_gib=round(torch.cuda.max_memory_allocated()/2**30, 2), load_s=round(load_s, 1),
                train_s=stats.runtime_s, wall_s=round(time.time() - t_start, 1), gpu=stats.device,
-               rows=data.stats['rows'], mean_len=round(data.stats['mean_length']), max_len=data.stats['max_length'])
+               rows=data.stats['rows'], mean_len=round(data.stats['mean_length']), max_len=data.stats['max_length'],
+               batches=batches, checkpointing=str(getattr(model, '_taide_ft_checkpointing', None)), checkpointing_log=gc_line)
     print('GPU_RESULT ' + json.dumps(res))
     want_backend = 'transformers' if name == 'small-transformers' else 'unsloth'
     problems = [p for ok, p in [
@@ -155,6 +159,13 @@ def run_stage(name):
         (math.isfinite(stats.final_loss), f"final loss {stats.final_loss}"),
         (not name.startswith('small') or stats.final_loss < first, f"loss did not fall: {first} -> {stats.final_loss}"),
         ((cfg.output_dir/'adapter'/'adapter_model.safetensors').is_file(), "no adapter saved"),
+        # PACKING = auto: padding-free on Unsloth, padded on transformers
+        (batches == ('padded' if want_backend == 'transformers' else 'padding-free'), f"batches {batches}"),
+        (gc_line is not None, "no gradient checkpointing decision logged"),
+        # tokens are real tokens: at most the data's, times the passes over it
+        (0 < stats.tokens <= data.stats['tokens'] * math.ceil(stats.steps * cfg.train.per_device_train_batch_size
+                                                             * cfg.train.gradient_accumulation_steps / data.stats['rows']),
+         f"{stats.tokens} tokens counted for {data.stats['tokens']} in the data"),
         (name != '8b-unsloth' or stats.peak_mem_gib < 40, f"peak {stats.peak_mem_gib:.1f} GiB for a 4-bit 8B"),
     ] if not ok]
     for p in problems: print(f"CHECK FAILED ({name}): {p}")
@@ -162,7 +173,7 @@ def run_stage(name):
 
 
 # ---- one process per stage ----
-_KEEP = re.compile(r'^(stage |step |training |loaded |LoRA |saved the|resuming|dataset:|built |note:|GPU_RESULT|CHECK FAILED|Traceback|\w*Error|  File )')
+_KEEP = re.compile(r'^(stage |step |training |loaded |LoRA |gradient checkpointing |batches: |saved the|resuming|dataset:|built |note:|GPU_RESULT|CHECK FAILED|Traceback|\w*Error|  File )')
 
 DEADLINE = time.time() + float(os.environ.get('TAIDE_FT_GPU_BUDGET', '560'))  # stop stages before the caller's limit
 
@@ -202,7 +213,7 @@ def main():
         rc, res = finish(spawn('8b-unsloth', timeout=360), '8b-unsloth')
         (results.append(res) if res else None); (failed.append('8b-unsloth') if rc != 0 else None)
     cols = ['stage', 'backend', 'steps', 'first_loss', 'final_loss', 'tokens_per_s', 'steady_tokens_per_s',
-            'peak_reserved_gib', 'peak_allocated_gib', 'load_s', 'train_s', 'mean_len', 'max_len']
+            'peak_reserved_gib', 'peak_allocated_gib', 'load_s', 'train_s', 'mean_len', 'max_len', 'batches', 'checkpointing']
     print(f"\n==== summary ({time.time() - t0:.0f} s, {results[0]['gpu'] if results else ''}) ====")
     print(' | '.join(cols))
     for r in results: print(' | '.join(str(r.get(c)) for c in cols))
