@@ -44,7 +44,7 @@ demo: setup demo/models/SmolLM2-135M-Instruct.Q4_1.gguf
 	mkdir -p runs
 	set -o pipefail; start=$$(date +%s); \
 	$(BIN)/papermill nbs/99_pipeline.ipynb runs/demo.ipynb -p CONFIG ../demo/config.ini --cwd nbs --log-output 2>&1 \
-	  | grep -v -E '^(Executing|Ending Cell|Executing Cell)|it/s\]' | tee runs/demo.log; \
+	  | grep --line-buffered -v -E '^(Executing|Ending Cell|Executing Cell)|it/s\]' | tee runs/demo.log; \
 	echo "pipeline: $$(( $$(date +%s) - start )) s; executed notebook runs/demo.ipynb; outputs in demo/outputs/"
 
 test: setup
