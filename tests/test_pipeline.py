@@ -89,3 +89,21 @@ def test_bad_parameter_fails_first_with_the_config_message(tmp_path):
     assert "[LoRA] R = 'sixteen' (papermill): must be a whole number ≥ 1" in text
     assert "[Training] MAX_STEPS = 0 (papermill): must be ≥ 1" in text
     assert 'Traceback' not in text
+
+
+def test_cli_run_does_the_same_stages(tmp_path):
+    "`taide-ft run` trains, exports, verifies and chats, with the same log and files as the notebook."
+    from taide_ft.fixtures import tiny_llama
+    tiny_llama(tmp_path/'tiny', hidden_size=256, num_hidden_layers=2)
+    rows = [{"instruction": f"第 {i} 題：台灣最長的河流是哪一條？", "output": "台灣最長的河流是濁水溪。"} for i in range(8)]
+    (tmp_path/'train_data.jsonl').write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows), encoding='utf-8')
+    (tmp_path/'config.ini').write_text("[Model]\nBASE_MODEL_NAME = tiny\nNEW_MODEL_NAME = test/cli\nMAX_SEQ_LENGTH = 128\n", encoding='utf-8')
+    r = subprocess.run([sys.executable, '-m', 'taide_ft', 'run', '--config', str(tmp_path/'config.ini'),
+                        '--set', 'Training.MAX_STEPS=2', '--set', 'Training.WARMUP_STEPS=0', '--set', 'Training.SAVE_STEPS=0',
+                        '--set', 'Training.GRADIENT_ACCUMULATION_STEPS=1'], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = tmp_path/'outputs'
+    log = (out/'finetune.log').read_text()
+    assert 'step 2/2' in log and 'Chat with cli-q4_k_m.gguf' in log and 'ollama create test/cli -f Modelfile' in log
+    assert (out/'cli-q4_k_m.gguf').is_file() and (out/'Modelfile').is_file()
+    assert all(v['passed'] for v in json.loads((out/'manifest.json').read_text())['verification'].values())
