@@ -97,10 +97,10 @@ def model_source(name:str) -> tuple:
     except Exception: hit = None
     return ('hub-cached', str(Path(hit).parent)) if isinstance(hit, str) else ('hub', name)
 
-# %% ../nbs/01_environment.ipynb #d0647a9e
-BITS_PER_WEIGHT = {'f32': 32, 'f16': 16, 'bf16': 16, 'q8_0': 8.5, 'q6_k': 6.56, 'q5_k_m': 5.69, 'q5_k_s': 5.54,
-                   'q5_1': 6.0, 'q5_0': 5.5, 'q4_k_m': 4.85, 'q4_k_s': 4.58, 'q4_1': 5.0, 'q4_0': 4.5,
-                   'q3_k_l': 4.27, 'q3_k_m': 3.91, 'q3_k_s': 3.5, 'q2_k': 3.35}
+# %% ../nbs/01_environment.ipynb #582f1712
+BITS_PER_WEIGHT = {'f32': 32, 'f16': 16, 'bf16': 16, 'q8_0': 8.5, 'q6_k': 6.56, 'q5_k_m': 5.7, 'q5_k_s': 5.57,
+                   'q5_1': 6.0, 'q5_0': 5.5, 'q4_k_m': 4.89, 'q4_k_s': 4.67, 'q4_1': 5.0, 'q4_0': 4.5,
+                   'q3_k_l': 4.3, 'q3_k_m': 4.0, 'q3_k_s': 3.64, 'q2_k': 3.2}  # llama.cpp's figures for Llama 3 8B
 
 def estimate_params(name:str) -> float|None:
     "Parameter count of `BASE_MODEL_NAME` from its files or config, else from a size in its name ('8B'), else None."
