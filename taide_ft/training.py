@@ -213,7 +213,7 @@ def _check_rows(ds, cfg, name):
     if max(lengths) > cfg.model.max_seq_length:
         raise ValueError(f"the {name} data has a row of {max(lengths)} tokens, over [Model] MAX_SEQ_LENGTH = {cfg.model.max_seq_length}: build the data with the same config as training.")
 
-# %% ../nbs/04_training.ipynb #e2687fd5
+# %% ../nbs/04_training.ipynb #e74ec24a
 def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_LENGTH, OUTPUT_DIR
                  model, # from `add_lora`
                  tokenizer, # from `load_model`
@@ -261,6 +261,10 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
                                          # None: TRL's padding-free collator (Unsloth's, on its backend)
                                          data_collator=PadCollator(tokenizer.pad_token_id, 8 if cuda else None) if fmt == 'padded' else None,
                                          train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, callbacks=[monitor])
+    if fmt == 'padding-free' and not getattr(trainer.args, 'padding_free', False):
+        # Unsloth 2026.10 turns padding-free off for pre-tokenized rows when it sets a max_length itself
+        log.warning("batches: padded after all: the backend turned padding-free batching off for this pre-tokenized dataset."
+                    " Set [Training] PACKING = on for batches without padding.")
     trainer._taide_plain_loss = not cuda
     trainer.remove_callback(PrinterCallback)  # it prints each log dict; the monitor's lines replace it
     monitor.trainer, trainer._taide_monitor = trainer, monitor
