@@ -13,9 +13,9 @@ from .environment import BITS_PER_WEIGHT
 
 # %% auto #0
 __all__ = ['log', 'CHAT_FORMATS', 'ExportError', 'ollama_name', 'gguf_name', 'merge_adapter', 'check_converter',
-           'convert_to_gguf', 'read_gguf', 'quantize_gguf', 'chat_format', 'write_modelfile', 'training_prompts',
-           'reference_outputs', 'verify_gguf', 'estimate_disk', 'check_disk', 'ExportResult', 'convert_lora_to_gguf',
-           'export_gguf', 'chat_gguf']
+           'convert_to_gguf', 'export_source', 'read_gguf', 'quantize_gguf', 'chat_format', 'write_modelfile',
+           'training_prompts', 'reference_outputs', 'verify_gguf', 'estimate_disk', 'check_disk', 'ExportResult',
+           'convert_lora_to_gguf', 'export_gguf', 'chat_gguf']
 
 # %% ../nbs/05_export.ipynb #a90e8d9e
 log = logging.getLogger(__name__)
@@ -145,7 +145,12 @@ def _materialize_gguf(path, dest):
     model.save_pretrained(dest)
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(dest)
 
-# %% ../nbs/05_export.ipynb #93a9d165
+# %% ../nbs/05_export.ipynb #09d57537
+def _check_adapter(adapter_dir):
+    for f in ('adapter_config.json', 'adapter_model.safetensors'):
+        if not (Path(adapter_dir)/f).is_file():
+            raise ExportError(f"`{Path(adapter_dir)/f}` is missing: no trained adapter there. Train first, or pass the folder that holds the adapter.")
+
 def _merge_peft(src, adapter_dir, dest):
     "Merge with PEFT's `merge_and_unload` (whole model in memory) into `dest`."
     from transformers import AutoModelForCausalLM
@@ -161,9 +166,7 @@ def merge_adapter(cfg:RunConfig, # BASE_MODEL_NAME says which base weights to me
     "Merge the LoRA adapter into the original base weights and save a standalone model folder at `dest`."
     from transformers import AutoTokenizer
     adapter_dir, dest = Path(adapter_dir), Path(dest)
-    for f in ('adapter_config.json', 'adapter_model.safetensors'):
-        if not (adapter_dir/f).is_file():
-            raise ExportError(f"`{adapter_dir/f}` is missing: no trained adapter there. Train first, or pass the folder that holds the adapter.")
+    _check_adapter(adapter_dir)
     kind, src = _base_source(cfg)
     pairs, acfg, why = _lora_pairs(adapter_dir)
     with atomic_path(dest, is_dir=True) as tmp:
@@ -209,29 +212,73 @@ def check_converter() -> str:
                           f"PyPI's `gguf` was probably installed after it). Run `{fix}`.")
     return ver
 
-# %% ../nbs/05_export.ipynb #b2d0f83b
+# %% ../nbs/05_export.ipynb #8ee5e4e0
 _OUTTYPES = {'f32': 'ALL_F32', 'f16': 'MOSTLY_F16', 'bf16': 'MOSTLY_BF16', 'q8_0': 'MOSTLY_Q8_0'}
 
-def convert_to_gguf(model_dir:str|Path, # merged model folder (config.json, safetensors, tokenizer)
+def _merge_fn(key, A, B, scale):
+    "W -> W + scale * B @ A, summed in float32 and rounded once to W's dtype (as `_patch_shard` does)."
+    def merge(W):
+        if tuple(W.shape) != (B.shape[0], A.shape[1]):
+            raise ExportError(f"the adapter's `{key}` is {B.shape[0]}x{A.shape[1]} but the base weight is {tuple(W.shape)}: the adapter was trained on a different base model than BASE_MODEL_NAME.")
+        return (W.float() + scale * (B.float() @ A.float())).to(W.dtype)
+    return merge
+
+def _add_lora(model, pairs, where):
+    "Make the converter `model` read each LoRA target weight merged. Its tensors are lazy: the merge runs as each is written."
+    from conversion import LazyTorchTensor
+    missing = sorted(set(pairs) - set(model.model_tensors))
+    if missing: raise ExportError(f"{len(missing)} adapter weights have no base weight, e.g. `{missing[0]}`: the adapter was trained on a different model than {where}.")
+    def merged(gen, fn):
+        t = gen()
+        return LazyTorchTensor._wrap_fn(fn, meta_noop=True)(t) if isinstance(t, LazyTorchTensor) else fn(t)
+    for key, (A, B, scale) in pairs.items():
+        model.model_tensors[key] = lambda gen=model.model_tensors[key], fn=_merge_fn(key, A, B, scale): merged(gen, fn)
+
+def convert_to_gguf(model_dir:str|Path, # model folder (config.json, safetensors, tokenizer): the base, or a merged model
                     dest:str|Path, # the .gguf file to write
                     outtype:str='f16', # f32, f16, bf16 or q8_0
-                    model_name:str|None=None # `general.name` in the GGUF; default: the folder's name
+                    model_name:str|None=None, # `general.name` in the GGUF; default: the folder's name
+                    adapter_dir:str|Path|None=None # a PEFT LoRA adapter to merge into `model_dir`'s weights while converting
                    ) -> Path:
-    "Convert a Hugging Face model folder to a GGUF file with llama.cpp's conversion code."
+    "Convert a Hugging Face model folder (plus, optionally, a LoRA adapter merged on the fly) to a GGUF file with llama.cpp's conversion code."
     check_converter()
     import torch, gguf
     from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
     if outtype not in _OUTTYPES: raise ExportError(f"conversion writes {', '.join(_OUTTYPES)}, not `{outtype}`; quantize other types with `quantize_gguf`.")
     model_dir, dest = Path(model_dir), Path(dest)
+    pairs = None
+    if adapter_dir is not None:
+        pairs, _, why = _lora_pairs(adapter_dir)
+        if pairs is None: raise ExportError(f"this adapter needs PEFT's own merge ({', '.join(why)}): merge it with `merge_adapter` and convert the merged folder.")
     with torch.inference_mode():
         hparams = ModelBase.load_hparams(model_dir, False)
         arch = get_model_architecture(hparams, ModelType.TEXT)
         try: cls = get_model_class(arch)
         except NotImplementedError as e: raise ExportError(f"llama.cpp's converter does not support `{arch}` models.") from e
         with atomic_path(dest) as tmp:
-            cls(model_dir, getattr(gguf.LlamaFileType, _OUTTYPES[outtype]), Path(tmp), model_name=model_name).write()
-    log.info(f"convert: {arch} -> {dest.name} ({dest.stat().st_size/2**20:.0f} MiB)")
+            model = cls(model_dir, getattr(gguf.LlamaFileType, _OUTTYPES[outtype]), Path(tmp), model_name=model_name)
+            if pairs: _add_lora(model, pairs, model_dir)
+            model.write()
+    log.info(f"convert: {arch} -> {dest.name} ({dest.stat().st_size/2**20:.0f} MiB)" + (f", {len(pairs)} LoRA weights merged on the way" if pairs else ''))
     return dest
+
+def export_source(cfg:RunConfig, # BASE_MODEL_NAME says which base weights
+                  adapter_dir:str|Path, # the trained adapter; its tokenizer (with the pad token training set) is used
+                  dest:str|Path # the folder to make
+                 ) -> Path:
+    "A model folder for the converter: the base's weights (linked, not copied; a `.gguf` base dequantized), its config, the adapter's tokenizer."
+    from transformers import AutoTokenizer
+    adapter_dir, kind, src = Path(adapter_dir), *_base_source(cfg)
+    with atomic_path(dest, is_dir=True) as tmp:
+        if kind == 'gguf': _materialize_gguf(src, tmp)
+        else:
+            for f in Path(src).iterdir():
+                if f.suffix in ('.safetensors', '.bin') or f.name.endswith('.index.json'): (tmp/f.name).symlink_to(f.resolve())
+                elif f.suffix == '.json' and f.name not in _TOKENIZER_FILES: shutil.copyfile(f, tmp/f.name)
+        tok = AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir/'tokenizer_config.json').is_file() else (tmp if kind == 'gguf' else src))
+        for f in _TOKENIZER_FILES: (tmp/f).unlink(missing_ok=True)
+        tok.save_pretrained(tmp)
+    return Path(dest)
 
 # %% ../nbs/05_export.ipynb #c91fe5b2
 _META_KEYS = {'architecture': 'general.architecture', 'name': 'general.name', 'file_type': 'general.file_type',
@@ -446,7 +493,7 @@ def training_prompts(cfg:RunConfig, n:int=3) -> list:
         if len(chats) < n: chats.append(sys_msg + [{'role': 'user', 'content': q}])
     return chats
 
-# %% ../nbs/05_export.ipynb #ba883500
+# %% ../nbs/05_export.ipynb #b07827a6
 def _stop_ids(tok, gen_cfg=None):
     ids = {tok.eos_token_id}
     for t in ('<|eot_id|>', '<|im_end|>', '<|end_of_text|>'):
@@ -455,18 +502,23 @@ def _stop_ids(tok, gen_cfg=None):
     ids |= set(e if isinstance(e, list) else [e])
     return sorted(i for i in ids if i is not None)
 
-def reference_outputs(merged_dir:str|Path, # merged model folder
+def reference_outputs(model_dir:str|Path, # model folder: a merged model, or the base with `adapter_dir`
                       prompts:list, # chats: lists of {'role', 'content'} messages
-                      max_new_tokens:int=16 # greedy tokens per prompt
+                      max_new_tokens:int=16, # greedy tokens per prompt
+                      adapter_dir:str|Path|None=None # a LoRA adapter to merge into the model in memory first
                      ) -> dict:
-    "Greedy answers, first-token logits and top-2 margins of the merged model in transformers (float32 where it fits)."
+    "Greedy answers, first-token logits and top-2 margins of the (merged) model in transformers (float32 where it fits)."
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(merged_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     room = torch.cuda.mem_get_info()[0] if dev == 'cuda' else os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    dtype = torch.float32 if 4 * _count_params('dir', merged_dir)[0] < 0.8 * room else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).to(dev).eval()
+    dtype = torch.float32 if 4 * _count_params('dir', model_dir)[0] < 0.8 * room else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if adapter_dir is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    model = model.to(dev).eval()
     stops, items, threads = _stop_ids(tok, model.generation_config), [], torch.get_num_threads()
     torch.set_num_threads(_threads())
     try: items = [_reference_item(model, tok, msgs, stops, max_new_tokens, dev) for msgs in prompts]
@@ -487,7 +539,7 @@ def _reference_item(model, tok, msgs, stops, max_new_tokens, dev):
     top2 = logits.topk(2, dim=-1).values
     return dict(text=text, ids=ids, continuation=cont, first_logits=logits[0].numpy(), margins=(top2[:, 0] - top2[:, 1]).tolist())
 
-# %% ../nbs/05_export.ipynb #5ec9ff38
+# %% ../nbs/05_export.ipynb #2418843c
 def _check_metadata(meta, res, tok, problems):
     "Compare the GGUF's special tokens and template with the tokenizer's."
     eot = tok.convert_tokens_to_ids(CHAT_FORMATS[chat_format(tok)]['end_of_turn'])
@@ -499,19 +551,20 @@ def _check_metadata(meta, res, tok, problems):
     if meta['tokenizer'] == 'gpt2' and meta['pre'] in (None, 'default'): problems.append("the GGUF has no pre-tokenizer (`tokenizer.ggml.pre`)")
 
 def verify_gguf(gguf_path:str|Path, # the GGUF to check
-                merged_dir:str|Path, # the merged model it was made from
+                model_dir:str|Path, # the model it was made from: a merged folder, or the base with `adapter_dir`
                 prompts:list|None=None, # chats; ignored when `reference` is given
                 qtype:str|None=None, # its llama.cpp type; default: from the file name
                 reference:dict|None=None, # from `reference_outputs`, to share between files
                 max_new_tokens:int=16, # greedy tokens per prompt
-                check:bool=True # raise `ExportError` when a check fails
+                check:bool=True, # raise `ExportError` when a check fails
+                adapter_dir:str|Path|None=None # with a base `model_dir`: the adapter merged into it
                ) -> dict:
-    "Load `gguf_path` in llama.cpp, compare it with the merged model in transformers, and return a report."
+    "Load `gguf_path` in llama.cpp, compare it with the model it was made from in transformers, and return a report."
     import numpy as np
     gguf_path = Path(gguf_path)
     qtype = qtype or next((t for t in GGUF_TYPES if gguf_path.stem.endswith(t)), 'f16')
     meta = read_gguf(gguf_path)
-    ref = reference or reference_outputs(merged_dir, prompts, max_new_tokens)
+    ref = reference or reference_outputs(model_dir, prompts, max_new_tokens, adapter_dir)
     tok, items = ref['tokenizer'], ref['items']
     with tempfile.TemporaryDirectory() as d:
         job = dict(task='eval', path=str(gguf_path), dir=d, stops=ref['stops'], max_new_tokens=max_new_tokens,
@@ -564,7 +617,7 @@ def check_disk(folder:str|Path, need:int):
                           f"and {free/1e9:.1f} GB are free. Free some space or set OUTPUT_DIR to a bigger disk.")
     return free
 
-# %% ../nbs/05_export.ipynb #6fec13bb
+# %% ../nbs/05_export.ipynb #5d74c7c9
 def _sha256(path, chunk=1 << 24):
     h = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -584,7 +637,6 @@ class ExportResult:
     report: dict  # verification report, by type
     report_path: Path  # export_report.json
     manifest_path: Path  # manifest.json
-    merged_dir: Path  # merged Hugging Face model folder
     ollama_command: str  # the `ollama create` line to run
     @property
     def gguf(self) -> Path: return next(iter(self.ggufs.values()))  # the GGUF of the first QUANTIZATION_METHOD
@@ -630,7 +682,7 @@ def convert_lora_to_gguf(adapter_dir:str|Path, # PEFT adapter folder (adapter_co
     log.info(f"convert: LoRA adapter -> {dest.name} ({len(tensors)} tensors, {dest.stat().st_size/2**20:.1f} MiB)")
     return dest
 
-# %% ../nbs/05_export.ipynb #a9d82aa5
+# %% ../nbs/05_export.ipynb #7d8ad977
 def _sixteen_bit(merged):
     cfg = json.loads((Path(merged)/'config.json').read_text())
     return 'bf16' if str(cfg.get('dtype') or cfg.get('torch_dtype')) == 'bfloat16' else 'f16'
@@ -646,49 +698,57 @@ def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prom
     stats, types = {}, list(cfg.quant.quantization_method)
     check_converter()
     if _dist_version('llama_cpp_python') is None: raise ExportError("`llama-cpp-python` is not installed; the export needs llama.cpp's quantizer and runtime. Install it (see the README).")
+    _check_adapter(adapter_dir)
     # 1) disk
-    n_params, merged_bytes = _count_params(*_base_source(cfg))
-    need = estimate_disk(n_params, merged_bytes, types, 'bf16' if 'bf16' in types else 'f16')
+    kind, base = _base_source(cfg)
+    fused = _lora_pairs(adapter_dir)[0] is not None  # merge inside the conversion, else PEFT's merge into a folder first
+    n_params, copy_bytes = _count_params(kind, base)
+    need = estimate_disk(n_params, copy_bytes if kind == 'gguf' or not fused else 0, types, 'bf16' if 'bf16' in types else 'f16')
     free = check_disk(out, need['total'])
     log.info(f"export: {n_params/1e9:.2f} B parameters; needs about {need['total']/1e9:.1f} GB of disk, {free/1e9:.0f} GB free")
-    # 2) merge
-    with _stage('merge', stats): merged = merge_adapter(cfg, adapter_dir, out/'merged')
-    tok = AutoTokenizer.from_pretrained(merged)
-    chat_format(tok)  # fail now, not after an hour of conversion, if no Modelfile can be written
-    # 3) convert: every 16-bit type asked for, or the one quantization starts from
-    sixteen = [t for t in types if t in _OUTTYPES and t != 'q8_0'] or [_sixteen_bit(merged)]
-    paths = {}
-    with _stage('convert', stats):
-        for t in sixteen: paths[t] = convert_to_gguf(merged, out/gguf_name(cfg, t), t, model_name=cfg.model.new_model_name)
-    # 4) quantize
-    with _stage('quantize', stats):
-        for t in types:
-            if t not in paths: paths[t] = quantize_gguf(paths[sixteen[0]], out/gguf_name(cfg, t), t)
-    # 5) verify
-    with _stage('verify', stats):
-        ref = reference_outputs(merged, training_prompts(cfg, n_prompts), max_new_tokens)
-        report = {t: verify_gguf(paths[t], merged, qtype=t, reference=ref, max_new_tokens=max_new_tokens, check=False) for t in types}
-    report_path = _write_json(out/'export_report.json', dict(stages=stats, results=report))
-    failed = [r for r in report.values() if not r['passed']]
-    if failed: raise ExportError(' '.join(f"`{r['file']}` failed verification: {'; '.join(r['problems'])}." for r in failed) + f" See {report_path}.")
-    for t in sixteen:
-        if t not in types: paths.pop(t).unlink(); log.info(f"export: removed the intermediate {t} GGUF")
+    # 2) merge: inside the conversion, from a folder that links the base's weights; or into a merged folder first
+    if fused: src, lora = export_source(cfg, adapter_dir, out/'export-src'), adapter_dir
+    else:
+        with _stage('merge', stats): src, lora = merge_adapter(cfg, adapter_dir, out/'merged'), None
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+        chat_format(tok)  # fail now, not after an hour of conversion, if no Modelfile can be written
+        # 3) convert: every 16-bit type asked for, or the one quantization starts from
+        sixteen = [t for t in types if t in _OUTTYPES and t != 'q8_0'] or [_sixteen_bit(src)]
+        paths = {}
+        with _stage('convert', stats):
+            for t in sixteen: paths[t] = convert_to_gguf(src, out/gguf_name(cfg, t), t, model_name=cfg.model.new_model_name, adapter_dir=lora)
+        # 4) quantize
+        with _stage('quantize', stats):
+            for t in types:
+                if t not in paths: paths[t] = quantize_gguf(paths[sixteen[0]], out/gguf_name(cfg, t), t)
+        # 5) verify
+        with _stage('verify', stats):
+            ref = reference_outputs(src, training_prompts(cfg, n_prompts), max_new_tokens, lora)
+            report = {t: verify_gguf(paths[t], src, qtype=t, reference=ref, max_new_tokens=max_new_tokens, check=False) for t in types}
+        report_path = _write_json(out/'export_report.json', dict(stages=stats, results=report))
+        failed = [r for r in report.values() if not r['passed']]
+        if failed: raise ExportError(' '.join(f"`{r['file']}` failed verification: {'; '.join(r['problems'])}." for r in failed) + f" See {report_path}.")
+        for t in sixteen:
+            if t not in types: paths.pop(t).unlink(); log.info(f"export: removed the intermediate {t} GGUF")
+        lora_note = None
+        if cfg.quant.gguf_lora_adapter:
+            lora_gguf = convert_lora_to_gguf(adapter_dir, src, out/gguf_name(cfg, 'lora-f16'))
+            read_gguf(lora_gguf)  # header and tensor data must be whole
+            lora_note = lora_gguf.name
+            log.info(f"export: LoRA adapter for Ollama: `ADAPTER ./{lora_note}` in a Modelfile whose FROM is your base model")
+    finally:
+        if fused: shutil.rmtree(src, ignore_errors=True)
     # 6) package
     name = ollama_name(cfg)
     modelfiles = {t: write_modelfile(cfg, paths[t], tok, out/('Modelfile' if i == 0 else f'Modelfile.{t}')) for i, t in enumerate(types)}
-    lora_note = None
-    if cfg.quant.gguf_lora_adapter:
-        lora = convert_lora_to_gguf(adapter_dir, merged, out/gguf_name(cfg, 'lora-f16'))
-        read_gguf(lora)  # header and tensor data must be whole
-        lora_note = lora.name
-        log.info(f"export: LoRA adapter for Ollama: `ADAPTER ./{lora.name}` in a Modelfile whose FROM is your base model")
     files = [dict(name=p.name, type=t, bytes=p.stat().st_size, sha256=_sha256(p)) for t, p in paths.items()]
     if lora_note: files.append(dict(name=lora_note, type='lora-f16', bytes=(out/lora_note).stat().st_size, sha256=_sha256(out/lora_note)))
     files += [dict(name=p.name, bytes=p.stat().st_size, sha256=_sha256(p)) for p in [*modelfiles.values(), report_path]]
     train_stats = out/'train_stats.json'
     manifest = dict(model=cfg.model.new_model_name, ollama_name=name, base_model=cfg.model.base_model_name, adapter=str(adapter_dir),
                     created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), files=files,
-                    merged=dict(folder=merged.name, bytes=sum(f.stat().st_size for f in merged.iterdir())),
+                    merge='inside the conversion' if fused else dict(folder=src.name, bytes=sum(f.stat().st_size for f in src.iterdir())),
                     lora_gguf=lora_note, disk=dict(estimate=need, free_before=free), stages=stats,
                     verification={t: dict(passed=r['passed'], top1_agreement=r['top1_agreement'], first_logits_max_abs_diff=r['first_logits_max_abs_diff']) for t, r in report.items()},
                     train_stats=json.loads(train_stats.read_text()) if train_stats.is_file() else None,
@@ -696,7 +756,7 @@ def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prom
     manifest_path = _write_json(out/'manifest.json', manifest)
     cmd = f"cd {out} && ollama create {name} -f Modelfile"
     log.info(f"export: done. To use it with Ollama: {cmd}")
-    return ExportResult(paths, modelfiles[types[0]], report, report_path, manifest_path, merged, cmd)
+    return ExportResult(paths, modelfiles[types[0]], report, report_path, manifest_path, cmd)
 
 # %% ../nbs/05_export.ipynb #7e2debdd
 def chat_gguf(gguf_path:str|Path, # an exported GGUF

@@ -3,7 +3,7 @@ import hashlib, json, os, re, shutil, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest
 from taide_ft.config import GGUF_TYPES, load_config
-from taide_ft.export import (ExportError, chat_gguf, check_converter, export_gguf, read_gguf, verify_gguf,
+from taide_ft.export import (ExportError, chat_gguf, check_converter, export_gguf, merge_adapter, read_gguf, verify_gguf,
                              reference_outputs, training_prompts, _modelfile_template)
 from taide_ft.fixtures import smollm2_gguf, tiny_llama, write_jsonl
 
@@ -117,7 +117,8 @@ def _check_export(res, cfg, names):
     for f in man['files']:
         p = out/f['name']
         assert p.stat().st_size == f['bytes'] and hashlib.sha256(p.read_bytes()).hexdigest() == f['sha256']
-    assert set(man['stages']) == {'merge', 'convert', 'quantize', 'verify'}
+    assert set(man['stages']) == {'convert', 'quantize', 'verify'} and man['merge'] == 'inside the conversion'
+    assert not (out/'export-src').exists() and not (out/'merged').exists()  # no copy of the model is left behind
     assert all(s['seconds'] > 0 and s['peak_rss_mb'] > 100 and s['stage_peak_rss_mb'] > 100 for s in man['stages'].values())
     st = list(man['stages'].values()); assert all(a['peak_rss_mb'] <= b['peak_rss_mb'] for a, b in zip(st, st[1:]))
     assert man['stages']['quantize']['llama_cpp_peak_rss_mb'] > 10 and man['stages']['verify']['llama_cpp_peak_rss_mb'] > 10
@@ -162,16 +163,18 @@ def test_tiny_llama_export(llama_export):
         assert (m['pre'], m['bos'], m['eos'], m['pad'], m['add_bos']) == ('llama-bpe', 128000, 128009, 128004, True)
         assert m['chat_template'].startswith('{{ bos_token }}') and m['name'] == 'KCWen/taide'
     assert f16['tokens']['eot'] == 128009 and f16['reference_dtype'] == 'float32'
-    tok = AutoTokenizer.from_pretrained(res.merged_dir)
+    tok = AutoTokenizer.from_pretrained(cfg.output_dir/'adapter')
     _check_template(res, tok, cfg)
     assert res.ollama_command.endswith('ollama create kcwen/taide -f Modelfile')
     assert isinstance(chat_gguf(res.ggufs['q4_k_m'], '你好', cfg, max_tokens=8), str)
 
 
-def test_merge_changes_the_model(llama_export):
+def test_merge_changes_the_model(llama_export, tmp_path):
+    "The standalone merged folder (for vLLM or further training) differs from the base where the adapter is."
     from safetensors.torch import load_file
     cfg, res = llama_export
-    a, b = load_file(Path(cfg.model.base_model_name)/'model.safetensors'), load_file(res.merged_dir/'model.safetensors')
+    merged = merge_adapter(cfg, cfg.output_dir/'adapter', tmp_path/'merged')
+    a, b = load_file(Path(cfg.model.base_model_name)/'model.safetensors'), load_file(merged/'model.safetensors')
     k = 'model.layers.1.self_attn.v_proj.weight'
     assert (a[k] - b[k]).abs().max() > 1e-2 and (a['model.norm.weight'] == b['model.norm.weight']).all()
 
@@ -179,18 +182,19 @@ def test_merge_changes_the_model(llama_export):
 def test_corrupt_ggufs_are_caught(llama_export, tmp_path):
     cfg, res = llama_export
     src = res.ggufs['f16']; data = bytearray(src.read_bytes())
-    ref = reference_outputs(res.merged_dir, training_prompts(cfg, 2), 8)
+    base = cfg.model.base_model_name
+    ref = reference_outputs(base, training_prompts(cfg, 2), 8, adapter_dir=cfg.output_dir/'adapter')
     cut = tmp_path/'cut.gguf'; cut.write_bytes(data[:len(data) - 1000])
-    with pytest.raises(ExportError, match='truncated or corrupt'): verify_gguf(cut, res.merged_dir, reference=ref, max_new_tokens=8)
+    with pytest.raises(ExportError, match='truncated or corrupt'): verify_gguf(cut, base, reference=ref, max_new_tokens=8)
     junk = tmp_path/'junk.gguf'; junk.write_bytes(b'GGUF\x03\x00\x00\x00' + os.urandom(2048))
-    with pytest.raises(ExportError, match='truncated or corrupt'): verify_gguf(junk, res.merged_dir, reference=ref, max_new_tokens=8)
+    with pytest.raises(ExportError, match='truncated or corrupt'): verify_gguf(junk, base, reference=ref, max_new_tokens=8)
     # intact header, damaged weights: llama.cpp loads it, and the comparison catches it
     import numpy as np
     hurt = tmp_path/'taide-f16.gguf'
     rng = np.random.default_rng(0)
     data[len(data)//2:len(data)//2 + 4_000_000] = rng.normal(0, 1, 1_000_000).astype(np.float16).tobytes() * 2
     hurt.write_bytes(data)
-    with pytest.raises(ExportError, match='failed verification'): verify_gguf(hurt, res.merged_dir, reference=ref, max_new_tokens=8)
+    with pytest.raises(ExportError, match='failed verification'): verify_gguf(hurt, base, reference=ref, max_new_tokens=8)
 
 
 def test_smollm2_export(tmp_path):
@@ -205,7 +209,7 @@ def test_smollm2_export(tmp_path):
     print(f"\nSmolLM2 export: {dt:.0f} s; stages {json.loads(res.manifest_path.read_text())['stages']}")
     f16, q4, man = _check_export(res, cfg, {'f16': 'smollm2-chat-f16.gguf', 'q4_k_m': 'smollm2-chat-q4_k_m.gguf'})
     assert f16['greedy'] == ['match'] * 3, f16
-    tok = AutoTokenizer.from_pretrained(res.merged_dir)
+    tok = AutoTokenizer.from_pretrained(cfg.output_dir/'adapter')
     m = read_gguf(res.ggufs['f16'])
     assert m['eos'] == m['pad'] == tok.convert_tokens_to_ids('<|im_end|>') and '<|im_start|>' in m['chat_template']
     mf = res.modelfile.read_text(encoding='utf-8')
