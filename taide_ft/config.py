@@ -14,7 +14,7 @@ __all__ = ['TAIDE_SYSTEM_PROMPT', 'GGUF_TYPES', 'KEYS', 'KEY_BY_NAME', 'SECTIONS
            'TrainConfig', 'QuantConfig', 'HardwareConfig', 'Key', 'ConfigError', 'atomic_path', 'write_text',
            'RunConfig', 'load_config', 'find_config', 'pick_params']
 
-# %% ../nbs/00_config.ipynb #f271609d
+# %% ../nbs/00_config.ipynb #a87b4ea5
 TAIDE_SYSTEM_PROMPT = "你是一個來自台灣的AI助理，你的名字是 TAIDE，樂於以台灣人的立場幫助使用者，會用繁體中文回答問題。"
 
 @dataclass
@@ -55,7 +55,7 @@ class TrainConfig:
     resume: bool = True  # resume from the last complete checkpoint in OUTPUT_DIR
     seed: int = 3407  # random seed for data order and LoRA init
     gradient_checkpointing: str = 'auto'  # auto, on, off or offload (recompute activations to save memory)
-    packing: str = 'auto'  # auto, on or off: fill each batch with several rows
+    packing: str = 'auto'  # auto, group, on or off: how rows fill a batch
 
 @dataclass
 class QuantConfig:
@@ -140,7 +140,7 @@ def _gguf_types(v):
         if n not in out: out.append(n)
     return out
 
-# %% ../nbs/00_config.ipynb #8937c8f3
+# %% ../nbs/00_config.ipynb #a7139155
 @dataclass(frozen=True)
 class Key:
     section: str; name: str; group: str; field: str; parse: Callable; allowed: str
@@ -173,7 +173,7 @@ KEYS = [Key(*k) for k in [
     ('Training', 'RESUME', 'train', 'resume', _bool, 'true/false'),
     ('Training', 'SEED', 'train', 'seed', _int(0), 'int ≥ 0'),
     ('Training', 'GRADIENT_CHECKPOINTING', 'train', 'gradient_checkpointing', _choice('auto', 'on', 'off', 'offload'), 'auto, on, off, offload'),
-    ('Training', 'PACKING', 'train', 'packing', _choice('auto', 'on', 'off'), 'auto, on, off'),
+    ('Training', 'PACKING', 'train', 'packing', _choice('auto', 'group', 'on', 'off'), 'auto, group, on, off'),
     ('Quantization', 'LOAD_IN_4BIT', 'quant', 'load_in_4bit', _bool, 'true/false'),
     ('Quantization', 'QUANTIZATION_METHOD', 'quant', 'quantization_method', _gguf_types, 'llama.cpp types, e.g. q4_k_m,q8_0'),
     ('Quantization', 'GGUF_LORA_ADAPTER', 'quant', 'gguf_lora_adapter', _bool, 'true/false'),

@@ -11,9 +11,9 @@ from pathlib import Path
 from .config import ConfigError, RunConfig
 
 # %% auto #0
-__all__ = ['log', 'BITS_PER_WEIGHT', 'in_test', 'has_cuda', 'unsloth_available', 'setup_logging', 'pick_backend', 'pick_dtype',
-           'use_4bit', 'model_source', 'estimate_params', 'disk_need_gib', 'lib_versions', 'EnvReport', 'env_report',
-           'tune_cpu_memory', 'set_seed']
+__all__ = ['log', 'BITS_PER_WEIGHT', 'in_test', 'has_cuda', 'unsloth_available', 'dist_env', 'is_main', 'dist_init', 'barrier',
+           'setup_logging', 'pick_backend', 'pick_dtype', 'use_4bit', 'model_source', 'estimate_params',
+           'disk_need_gib', 'lib_versions', 'EnvReport', 'env_report', 'tune_cpu_memory', 'set_seed']
 
 # %% ../nbs/01_environment.ipynb #076308fd
 def in_test() -> bool:
@@ -29,7 +29,31 @@ def unsloth_available() -> bool:
     "True when Unsloth is installed (checked without importing it: `import unsloth` fails without a GPU)."
     return util.find_spec('unsloth') is not None
 
-# %% ../nbs/01_environment.ipynb #56a593e0
+# %% ../nbs/01_environment.ipynb #ba6178a1
+def dist_env() -> tuple:
+    "(rank, local_rank, world_size) of this process as `torchrun` set them; (0, 0, 1) in a plain process."
+    get = lambda k, d: int(os.environ.get(k, d) or d)
+    return get('RANK', 0), get('LOCAL_RANK', 0), get('WORLD_SIZE', 1)
+
+def is_main() -> bool:
+    "True in the process that writes files and logs progress: rank 0, or the only process."
+    return dist_env()[0] == 0
+
+def dist_init():
+    "Join the process group of a multi-process run (and pin this process to its GPU); None in a plain process."
+    rank, local, world = dist_env()
+    if world == 1: return None
+    import torch
+    if torch.cuda.is_available(): torch.cuda.set_device(local)
+    from accelerate import PartialState
+    return PartialState()  # creates the process group once; the trainer reuses it
+
+def barrier():
+    "Wait for every process of a multi-process run (nothing in a plain process)."
+    st = dist_init()
+    if st is not None: st.wait_for_everyone()
+
+# %% ../nbs/01_environment.ipynb #cea40098
 log = logging.getLogger('taide_ft')
 _FMT = logging.Formatter('%(asctime)s %(levelname)-7s %(message)s', '%Y-%m-%d %H:%M:%S')
 
@@ -39,12 +63,15 @@ class _Console(logging.StreamHandler):
 
 def setup_logging(output_dir:str|Path|None=None, # folder for finetune.log; None for console only
                   level:int=logging.INFO) -> logging.Logger:
-    "Configure the `taide_ft` logger once: console, plus `output_dir/finetune.log`."
+    "Configure the `taide_ft` logger once: console, plus `output_dir/finetune.log` (rank 0 only; other ranks print warnings)."
     log.setLevel(level); log.propagate = False
+    rank = dist_env()[0]
     if not any(getattr(h, '_taide_console', False) for h in log.handlers):
-        h = _Console(); h.setFormatter(logging.Formatter('%(message)s')); h._taide_console = True
+        h = _Console(); h._taide_console = True
+        h.setFormatter(logging.Formatter('%(message)s' if rank == 0 else f'[rank {rank}] %(message)s'))
+        if rank: h.setLevel(logging.WARNING)
         log.addHandler(h)
-    if output_dir is not None:
+    if output_dir is not None and rank == 0:
         path = (Path(output_dir)/'finetune.log').resolve()
         for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
             if Path(h.baseFilename) == path: return log

@@ -159,13 +159,12 @@ def run_stage(name):
         (math.isfinite(stats.final_loss), f"final loss {stats.final_loss}"),
         (not name.startswith('small') or stats.final_loss < first, f"loss did not fall: {first} -> {stats.final_loss}"),
         ((cfg.output_dir/'adapter'/'adapter_model.safetensors').is_file(), "no adapter saved"),
-        # PACKING = auto: padding-free on Unsloth, padded on transformers
-        (batches == ('padded' if want_backend == 'transformers' else 'padding-free'), f"batches {batches}"),
+        # PACKING = auto: on a GPU, rows of similar length grouped into micro-batches of B x N tokens, on both backends
+        (batches == 'grouped', f"batches {batches}"),
         (gc_line is not None, "no gradient checkpointing decision logged"),
-        # tokens are real tokens: at most the data's, times the passes over it
-        (0 < stats.tokens <= data.stats['tokens'] * math.ceil(stats.steps * cfg.train.per_device_train_batch_size
-                                                             * cfg.train.gradient_accumulation_steps / data.stats['rows']),
-         f"{stats.tokens} tokens counted for {data.stats['tokens']} in the data"),
+        # tokens are real tokens: at most what the steps can hold (B x G x N each)
+        (0 < stats.tokens <= stats.steps * cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+         * cfg.model.max_seq_length, f"{stats.tokens} tokens counted in {stats.steps} steps"),
         (name != '8b-unsloth' or stats.peak_mem_gib < 40, f"peak {stats.peak_mem_gib:.1f} GiB for a 4-bit 8B"),
     ] if not ok]
     for p in problems: print(f"CHECK FAILED ({name}): {p}")

@@ -1,5 +1,5 @@
 "The pipeline notebook end to end through papermill, on a tiny Llama with the real Llama 3 tokenizer."
-import json, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -106,4 +106,26 @@ def test_cli_run_does_the_same_stages(tmp_path):
     log = (out/'finetune.log').read_text()
     assert 'step 2/2' in log and 'Chat with cli-q4_k_m.gguf' in log and 'ollama create test/cli -f Modelfile' in log
     assert (out/'cli-q4_k_m.gguf').is_file() and (out/'Modelfile').is_file()
+    assert all(v['passed'] for v in json.loads((out/'manifest.json').read_text())['verification'].values())
+
+
+def test_cli_run_on_two_processes(tmp_path):
+    """`torchrun --nproc-per-node 2 -m taide_ft run` (gloo on CPU): both processes train, one step is the batch of one
+    process, and rank 0 alone logs and exports."""
+    from taide_ft.fixtures import tiny_llama
+    tiny_llama(tmp_path/'tiny', hidden_size=256, num_hidden_layers=2)
+    rows = [{"instruction": f"第 {i} 題：台灣最長的河流是哪一條？", "output": "台灣最長的河流是濁水溪。"} for i in range(8)]
+    (tmp_path/'train_data.jsonl').write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows), encoding='utf-8')
+    (tmp_path/'config.ini').write_text("[Model]\nBASE_MODEL_NAME = tiny\nNEW_MODEL_NAME = test/cli\nMAX_SEQ_LENGTH = 128\n", encoding='utf-8')
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node=2', '-m', 'taide_ft', 'run',
+                        '--config', str(tmp_path/'config.ini'), '--set', 'Training.MAX_STEPS=2', '--set', 'Training.WARMUP_STEPS=0',
+                        '--set', 'Training.SAVE_STEPS=0', '--set', 'Training.GRADIENT_ACCUMULATION_STEPS=2'],
+                       capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = tmp_path/'outputs'
+    log = (out/'finetune.log').read_text()
+    assert '2 processes: each takes 2 x 1 rows a step' in log and log.count('step 2/2 | loss') == 1 and '[rank 1]' not in log
+    assert 'Chat with cli-q4_k_m.gguf' in log and (out/'cli-q4_k_m.gguf').is_file()
+    stats = json.loads((out/'train_stats.json').read_text())
+    assert stats['processes'] == 2 and stats['steps'] == 2
     assert all(v['passed'] for v in json.loads((out/'manifest.json').read_text())['verification'].values())

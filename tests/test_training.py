@@ -20,13 +20,14 @@ SYSTEM_PROMPT = {system}
 EVAL_SPLIT = {eval_split}
 [Training]
 PER_DEVICE_TRAIN_BATCH_SIZE = {batch}
-GRADIENT_ACCUMULATION_STEPS = 1
+GRADIENT_ACCUMULATION_STEPS = {accum}
 LEARNING_RATE = {lr}
 MAX_STEPS = {steps}
 WARMUP_STEPS = 1
 LOGGING_STEPS = 1
 SAVE_STEPS = {save}
 OUTPUT_DIR = out
+PACKING = {packing}
 """
 
 # What `taide-ft run` does up to training, as a separate process that the tests can interrupt and kill
@@ -69,7 +70,7 @@ def tiny(tmp_path_factory):
 def make_run(d, base, **kw):
     "A folder with train.jsonl and config.ini for `base`; returns the config path."
     from taide_ft.fixtures import write_jsonl
-    v = dict(base=base, seq=64, r=8, alpha=16, targets='all-linear', system='', eval_split=0.0, batch=3, lr=1e-2, steps=10, save=5)
+    v = dict(base=base, seq=64, r=8, alpha=16, targets='all-linear', system='', eval_split=0.0, batch=3, accum=1, lr=1e-2, steps=10, save=5, packing='auto')
     v.update(kw)
     d.mkdir(parents=True, exist_ok=True)
     write_jsonl(d/'train.jsonl', [{'instruction': q, 'input': '', 'output': a} for q, a in ROWS])
@@ -199,3 +200,40 @@ def test_smollm2_from_gguf(tmp_path):
     assert stats.steps == 4 and math.isfinite(stats.final_loss) and stats.final_loss < first, stats.log_history
     acfg = json.loads((cfg.output_dir/'adapter'/'adapter_config.json').read_text())
     assert sorted(acfg['target_modules']) == ['k_proj', 'o_proj', 'q_proj', 'v_proj'] and acfg['r'] == 16
+
+
+def test_packed_batches_give_the_padded_loss(tmp_path, tiny):
+    """The same rows, packed into one sequence or padded to a batch, give the same loss and gradients: rows stay apart
+    (without the restarting positions attention would cross rows, and the loss would differ by about 1e-4 of itself)."""
+    import torch
+    from taide_ft.config import load_config
+    from taide_ft.dataset import build_dataset
+    from taide_ft.model import add_lora, load_model
+    from taide_ft.training import make_trainer
+    res = {}
+    for mode in ('on', 'group', 'off'):
+        cfg = load_config(make_run(tmp_path/mode, tiny, packing=mode, seq=128))
+        model, tok = load_model(cfg)
+        torch.manual_seed(0)
+        model = add_lora(model, cfg)
+        for n, p in model.named_parameters():  # LoRA B starts at zero: give it values so that its gradient is not trivial
+            if 'lora_B' in n: p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(hash(n) % 2**31))
+        tr = make_trainer(cfg, model, tok, build_dataset(cfg, tok))
+        assert tr._taide_batches == {'on': 'packed', 'group': 'grouped', 'off': 'padded'}[mode]
+        batch = tr.data_collator(list(tr.train_dataset))
+        model.train(); model.zero_grad()
+        loss = tr.compute_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        res[mode] = (batch, loss.item(), grads, len(tr.train_dataset))
+    (packed, lp, gp, bins), (grouped, lg, gg, groups), (padded, lq, gq, rows) = res['on'], res['group'], res['off']
+    assert packed['input_ids'].shape[0] == 1 and 'attention_mask' not in packed and padded['input_ids'].shape[0] == rows == len(ROWS)
+    assert bins < rows and groups < rows  # several rows share a bin, or a micro-batch
+    assert sorted(map(tuple, grouped['input_ids'].tolist())) == sorted(map(tuple, padded['input_ids'].tolist()))  # the rows, regrouped
+    assert int((packed['labels'] != -100).sum()) == int((padded['labels'][:, 1:] != -100).sum())  # the same answer tokens
+    assert abs(lp - lq) < 1e-5 * abs(lq), (lp, lq)
+    assert gp.keys() == gq.keys() and len(gp) > 0
+    assert abs(lg - lq) < 1e-5 * abs(lq), (lg, lq)
+    for n in gp:
+        assert torch.allclose(gp[n], gq[n], rtol=1e-4, atol=1e-7), (n, (gp[n] - gq[n]).abs().max())
+        assert torch.allclose(gg[n], gq[n], rtol=1e-4, atol=1e-7), (n, (gg[n] - gq[n]).abs().max())

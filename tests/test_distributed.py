@@ -1,0 +1,97 @@
+"""Two processes (torchrun, gloo on CPU) train like one process with the same batch: each rank sees different rows,
+the adapter and losses match, and only rank 0 writes files (the trainer's per-rank random state aside)."""
+import json, os, re, subprocess, sys
+from pathlib import Path
+import pytest
+from test_training import MALLOC_ENV, ROWS, make_run, tiny  # noqa: F401  (tiny is a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What `taide-ft run` does up to training, plus two records for the test: the rows each training forward received
+# (a forward pre-hook) and every file this process opened for writing, renamed, made or removed under OUTPUT_DIR
+# (Python's audit hook sees them all, whichever library does it).
+WORKER = r"""import json, os, sys
+from pathlib import Path
+from taide_ft.config import load_config
+cfg = load_config(sys.argv[1])
+odir, writes = str(Path(cfg.output_dir).resolve()), []
+def audit(event, args):
+    if event == 'open' and isinstance(args[0], (str, bytes, os.PathLike)):
+        mode, flags = args[1], args[2] if len(args) > 2 else 0
+        wants = any(c in mode for c in 'wax+') if isinstance(mode, str) else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        path = os.path.abspath(os.fsdecode(args[0]))
+        if wants and path.startswith(odir): writes.append(path)
+    elif event in ('os.rename', 'os.mkdir', 'os.remove', 'os.rmdir', 'shutil.rmtree', 'shutil.move', 'os.symlink'):
+        if isinstance(args[0], (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(args[0])).startswith(odir):
+            writes.append(event + ' ' + os.path.abspath(os.fsdecode(args[0])))
+sys.addaudithook(audit)
+from taide_ft.dataset import build_dataset
+from taide_ft.model import add_lora, load_model
+from taide_ft.training import train
+model, tok = load_model(cfg)
+data = build_dataset(cfg, tok)
+model = add_lora(model, cfg)
+seen = []
+def hook(mod, args, kw):
+    if mod.training:
+        ids, am = kw['input_ids'], kw['attention_mask']
+        seen.append([ids[i][am[i].bool()].tolist() for i in range(ids.shape[0])])
+model.register_forward_pre_hook(hook, with_kwargs=True)
+stats = train(cfg, model, tok, data)
+rank = int(os.environ.get('RANK', 0))
+Path(sys.argv[2], f'rank{rank}.json').write_text(json.dumps(dict(seen=seen, writes=writes, tokens=stats.tokens,
+    processes=stats.processes, losses=[h['loss'] for h in stats.log_history if 'loss' in h])))
+"""
+
+STEPS, BATCH, ACCUM = 3, 2, 2
+
+
+def run_worker(tmp, tiny, n):
+    ini = make_run(tmp/f'p{n}', tiny, batch=BATCH, accum=ACCUM, steps=STEPS, save=2, lr=1e-2)
+    rec = tmp/f'rec{n}'; rec.mkdir()
+    worker = tmp/'worker.py'; worker.write_text(WORKER)
+    launch = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={n}'] if n > 1 else [])
+    env = dict(os.environ, **MALLOC_ENV, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
+    p = subprocess.run(launch + [str(worker), str(ini), str(rec)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return ini.parent/'out', [json.loads((rec/f'rank{r}.json').read_text()) for r in range(n)], p.stdout + p.stderr
+
+
+def files(d):
+    "Files under `d`, with the trainer's random-state files (one per rank) named alike."
+    return sorted({re.sub(r'rng_state(_\d+)?\.pth$', 'rng_state.pth', str(p.relative_to(d))) for p in d.rglob('*') if p.is_file()})
+
+
+def test_two_processes_train_like_one(tmp_path, tiny):
+    import torch
+    from safetensors.torch import load_file
+    out1, (one,), _ = run_worker(tmp_path, tiny, 1)
+    out2, (r0, r1), log2 = run_worker(tmp_path, tiny, 2)
+
+    # one process: ACCUM micro-batches of BATCH rows a step; two: one micro-batch each, the same rows between them
+    assert len(one['seen']) == STEPS * ACCUM and len(r0['seen']) == len(r1['seen']) == STEPS
+    for k in range(STEPS):
+        a, b = r0['seen'][k], r1['seen'][k]
+        assert len(a) == len(b) == BATCH and not {tuple(x) for x in a} & {tuple(x) for x in b}, f"step {k + 1}: both ranks got a row"
+        want = one['seen'][ACCUM * k] + one['seen'][ACCUM * k + 1]
+        assert sorted(a + b) == sorted(want), f"step {k + 1}: the two ranks' rows are not the one-process step's rows"
+
+    # the same training: losses, tokens and the adapter's weights
+    assert r0['processes'] == 2 and one['processes'] == 1
+    assert r0['tokens'] == r1['tokens'] == one['tokens'] == sum(len(x) for s in one['seen'] for x in s)
+    assert len(r0['losses']) == STEPS and all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(r0['losses'], one['losses'])), (r0['losses'], one['losses'])
+    w1, w2 = load_file(out1/'adapter'/'adapter_model.safetensors'), load_file(out2/'adapter'/'adapter_model.safetensors')
+    assert w1.keys() == w2.keys() and len(w1) > 0
+    moved = max((w1[k] - w0).abs().max().item() for k, w0 in load_file(out1/'checkpoint-2'/'adapter_model.safetensors').items())
+    assert moved > 1e-3  # the adapter trained between step 2 and the end
+    for k in w1: assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-3), (k, (w1[k] - w2[k]).abs().max())
+
+    # only rank 0 writes: the same files as one process; rank 1 wrote only its random state in each checkpoint
+    assert files(out2) == files(out1)
+    # (the trainer makes the checkpoint folder in each process before saving that process's random state in it)
+    assert all(Path(w).name == 'rng_state_1.pth' or re.fullmatch(r'os\.mkdir .*/checkpoint-\d+', w) for w in r1['writes']), r1['writes']
+    # (torch and safetensors write through C++, which the audit hook does not see; the file list above covers them)
+    assert any(w.endswith('train_stats.json') or 'train_stats.json' in w for w in r0['writes']), r0['writes']
+    text = (out2/'finetune.log').read_text(encoding='utf-8')
+    assert '2 processes' in text and f"step {STEPS}/{STEPS}" in text and '[rank 1]' not in text
+    assert text.count(f"step {STEPS}/{STEPS} | loss") == 1  # progress is logged once, by rank 0
