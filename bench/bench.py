@@ -25,7 +25,8 @@ ROOT = HERE.parent
 
 SETUPS = {
     'a': "taide_ft default path (config.ini) via load_model / add_lora / make_trainer",
-    'a-pack': "taide_ft with PACKING = on (rows packed into 2048-token bins), otherwise the default",
+    'a-pack': "taide_ft with PACKING = on (rows packed end to end into 2048-token bins), otherwise the default",
+    'a-pad': "taide_ft with PACKING = off (2 rows a micro-batch, padded: earlier versions' batches), otherwise the default",
     'a-lean': "taide_ft with GRADIENT_CHECKPOINTING = offload (the low-memory mode), otherwise the default",
     'b': "Unsloth Llama 3.1 notebook recipe: FastLanguageModel 4-bit + TRL SFTTrainer",
     'c': "transformers + PEFT + TRL SFTTrainer, bitsandbytes nf4 (double quant, bf16 compute)",
@@ -187,8 +188,12 @@ class Meter:
     def _mark(self, step):
         torch = self.torch
         if torch.cuda.is_available(): torch.cuda.synchronize()
-        self.marks.append((step, time.perf_counter(), int(self.real.item()), int(self.fed.item()), int(self.rows.item()),
-                           int(self.emb.item())))
+        counts = torch.stack([self.real, self.fed, self.rows, self.emb])
+        import torch.distributed as td
+        if td.is_available() and td.is_initialized():  # several processes: every one marks each step; sum them
+            td.all_reduce(counts)
+            if torch.cuda.is_available(): torch.cuda.synchronize()
+        self.marks.append((step, time.perf_counter(), *map(int, counts.tolist())))
 
     def result(self):
         for h in self.handles: h.remove()
@@ -385,12 +390,17 @@ class SetupAPack(SetupA):
     overrides = dict(packing='on')
 
 
+class SetupAPad(SetupA):
+    "taide_ft with PACKING = off."
+    overrides = dict(packing='off')
+
+
 class SetupALean(SetupA):
     "taide_ft with GRADIENT_CHECKPOINTING = offload."
     overrides = dict(gradient_checkpointing='offload')
 
 
-SETUP_CLASSES = {'a': SetupA, 'a-pack': SetupAPack, 'a-lean': SetupALean, 'b': SetupB, 'c': SetupC, 'c16': SetupC16}
+SETUP_CLASSES = {'a': SetupA, 'a-pack': SetupAPack, 'a-pad': SetupAPad, 'a-lean': SetupALean, 'b': SetupB, 'c': SetupC, 'c16': SetupC16}
 
 
 def _gib(x): return round(x / 2**30, 2)
@@ -399,8 +409,10 @@ def _gib(x): return round(x / 2**30, 2)
 def worker(a):
     "Run one setup on every workload; write its figures to a.result after each workload."
     import torch
-    res = dict(setup=a.setup, description=SETUPS[a.setup], status='started', workloads={})
-    def save(): Path(a.result).write_text(json.dumps(res, indent=1))
+    res = dict(setup=a.setup, description=SETUPS[a.setup], status='started', workloads={},
+               processes=int(os.environ.get('WORLD_SIZE', 1)))
+    def save():
+        if int(os.environ.get('RANK', 0)) == 0: Path(a.result).write_text(json.dumps(res, indent=1))
     save()
     cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
@@ -413,7 +425,7 @@ def worker(a):
     save()
     for wl in a.workloads:
         ds = make_dataset(wl, a.warmup + a.steps)
-        shutil.rmtree(a.out_root/f'{a.setup}-{wl}', ignore_errors=True)
+        if int(os.environ.get('RANK', 0)) == 0: shutil.rmtree(a.out_root/f'{a.setup}-{wl}', ignore_errors=True)
         gc.collect()
         if cuda: torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
         t1 = time.perf_counter()
@@ -426,7 +438,7 @@ def worker(a):
                  trainer_info=getattr(setup, 'last', {}))
         r['first_step_seconds'] = r['step_seconds'][0] if r.get('step_seconds') else None
         losses = [h['loss'] for h in tr.state.log_history if 'loss' in h]
-        r['losses'] = [round(x, 3) for x in losses]
+        r['losses'] = [round(x, 5) for x in losses]
         if cuda:
             r['peak_gib'] = _gib(torch.cuda.max_memory_allocated())
             r['peak_reserved_gib'] = _gib(torch.cuda.max_memory_reserved())
@@ -499,14 +511,15 @@ def prepare_worker(a):
 # ----------------------------------------------------------------------------------------------
 # Driver
 
-def run_child(name, argv, timeout, log_dir, result):
-    "Run one worker in its own process group; kill the group on timeout. Returns (rc, seconds, log path)."
+def run_child(name, argv, timeout, log_dir, result, procs=1):
+    "Run one worker (in `procs` processes, through torchrun) in its own process group; kill the group on timeout. Returns (rc, seconds, log path)."
     log = log_dir/f'{name}.log'
     env = dict(os.environ, **OFFLINE_ENV)
     env['PYTHONPATH'] = os.pathsep.join([str(ROOT)] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
     t0 = time.perf_counter()
     with open(log, 'w') as f:
-        p = subprocess.Popen([sys.executable, str(Path(__file__).resolve())] + argv + ['--result', str(result)],
+        launch = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={procs}'] if procs > 1 else [])
+        p = subprocess.Popen(launch + [str(Path(__file__).resolve())] + argv + ['--result', str(result)],
                              stdout=f, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env, start_new_session=True)
         try: rc = p.wait(timeout=max(1, timeout))
         except subprocess.TimeoutExpired:
@@ -549,6 +562,7 @@ def print_table(report):
     if ceiling: print(f"\nbf16 matmul ceiling {ceiling} TFLOP/s; N = {N:,} parameters; MFU = tokens/s x FLOPs a token / ceiling, "
                       "FLOPs a token = 6N with activation recomputation (gradient checkpointing), 4N without (attention FLOPs not counted).")
     for k, v in report.get('ratios', {}).items(): print(f"{k}: " + ', '.join(f"{wl} {x:.2f}x" for wl, x in v.items()))
+    for k, v in report.get('loss_agreement', {}).items(): print(f"loss {k}: " + ', '.join(f"{wl} max relative difference {x['max_rel_diff']:.2e} over {x['steps']} steps" for wl, x in v.items()))
 
 
 def driver(a):
@@ -559,7 +573,7 @@ def driver(a):
     log_dir = work/'logs'; log_dir.mkdir()
     max_steps = a.warmup + a.steps
     report = dict(date=stamp.isoformat(timespec='seconds'), versions=versions(),
-                  args=dict(setups=a.setups, workloads=a.workloads, warmup=a.warmup, steps=a.steps, budget_s=a.budget,
+                  args=dict(setups=a.setups, workloads=a.workloads, gpus=a.gpus, warmup=a.warmup, steps=a.steps, budget_s=a.budget,
                             smoke=a.smoke, model_dir=str(a.model_dir)),
                   recipe=dict(batch=BATCH, grad_accum=ACCUM, max_length=SEQ, lora=LORA, seed=SEED, optim='adamw_8bit',
                               learning_rate=2e-4),
@@ -590,6 +604,18 @@ def driver(a):
                     x, y = res['a'].get('workloads', {}).get(wl, {}), res[other].get('workloads', {}).get(wl, {})
                     if x.get('tokens_per_s') and y.get('tokens_per_s'): q[wl] = round(x['tokens_per_s'] / y['tokens_per_s'], 3)
                 if q: ratios[f"tokens/s a/{other}"] = q
+        for key in res:
+            m = re.fullmatch(r'(a[\w-]*)x(\d+)', key)
+            if not m or m.group(1) not in res: continue
+            q, loss = {}, {}
+            for wl in a.workloads:
+                x, y = res[key].get('workloads', {}).get(wl, {}), res[m.group(1)].get('workloads', {}).get(wl, {})
+                if x.get('tokens_per_s') and y.get('tokens_per_s'): q[wl] = round(x['tokens_per_s'] / y['tokens_per_s'], 3)
+                if x.get('losses') and y.get('losses'):
+                    d = [abs(u - v) / abs(v) for u, v in zip(x['losses'], y['losses'])]
+                    loss[wl] = dict(steps=len(d), max_rel_diff=round(max(d), 5), mean_rel_diff=round(sum(d) / len(d), 5))
+            if q: ratios[f"tokens/s {key}/{m.group(1)}"] = q
+            if loss: report.setdefault('loss_agreement', {})[f"{key} vs {m.group(1)}"] = loss
         report['ratios'] = ratios
         report['total_seconds'] = round(time.perf_counter() - start, 1)
         res_dir = HERE/'results'; res_dir.mkdir(exist_ok=True)
@@ -623,12 +649,16 @@ def driver(a):
     if rc != 0 or prep.get('status') != 'ok':
         print(tail(log)); report['error'] = f"prepare failed (rc {rc})"; finish(); return 1
     if a.prepare_only: return 0
-    for s in a.setups:
+    plan = [(s, 1) for s in a.setups if 1 in a.gpus or not s.startswith('a')]
+    plan += [('a', n) for n in a.gpus if n > 1 if 'a' in a.setups]  # scaling: the default path on n GPUs
+    for s, n in plan:
+        key = s if n == 1 else f"{s}x{n}"
         left = deadline - time.perf_counter()
         if left < 45:
-            report['results'][s] = dict(status=f"skipped: {left:.0f} s of the budget left"); print(f"{s}: skipped (budget)"); continue
-        rpath = work/f'{s}.json'
-        rc, secs, log = run_child(s, ['--_worker', s] + common, min(a.setup_timeout, left - 5), log_dir, rpath)
+            report['results'][key] = dict(status=f"skipped: {left:.0f} s of the budget left"); print(f"{key}: skipped (budget)"); continue
+        rpath = work/f'{key}.json'
+        rc, secs, log = run_child(key, ['--_worker', s] + common, min(a.setup_timeout, left - 5), log_dir, rpath, procs=n)
+        s = key
         r = json.loads(rpath.read_text()) if rpath.is_file() else dict(status='no result')
         r.update(rc=rc, wall_seconds=secs)
         if rc != 0:
@@ -674,7 +704,7 @@ def dry_run(a):
             # on the GPU the free memory is measured after loading; here, what one H200 leaves with a 4-bit 8B loaded
             for where, backend, cuda, free in (('here', pick_backend(cfg), has_cuda(), 0.0), ('H200, Unsloth 4-bit 8B', 'unsloth', True, 134.0)):
                 gc_, why = choose_checkpointing(cfg.train.gradient_checkpointing, backend, cuda, act, free)
-                print(f"    {where}: backend {backend}, batches {batch_format(cfg, backend)}, gradient checkpointing {gc_} ({why})")
+                print(f"    {where}: backend {backend}, batches {batch_format(cfg, cuda)}, gradient checkpointing {gc_} ({why})")
     return 0
 
 
@@ -689,7 +719,9 @@ def parse(argv=None):
     global SEQ
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Setups: " + '; '.join(f"{k}: {v}" for k, v in SETUPS.items()))
-    p.add_argument('--setups', default='a,a-pack,a-lean,b,c', help="comma-separated, from a,a-pack,a-lean,b,c,c16 (default a,a-pack,a-lean,b,c)")
+    p.add_argument('--setups', default='a,a-pad,a-lean,b,c', help="comma-separated, from a,a-pack,a-pad,a-lean,b,c,c16 (default a,a-pad,a-lean,b,c)")
+    p.add_argument('--gpus', default='1', help="comma-separated GPU counts, e.g. 1,2: each count above 1 runs setup a again with one "
+                   "process a GPU through torchrun and the same global batch, reported as a x N (default 1)")
     p.add_argument('--workloads', default='full,mix', help="comma-separated, from full,mix (default full,mix)")
     p.add_argument('--warmup', type=int, default=2, help="optimizer steps before timing starts (default 2)")
     p.add_argument('--steps', type=int, default=5, help="timed optimizer steps (default 5)")
@@ -709,6 +741,8 @@ def parse(argv=None):
     a = p.parse_args(argv)
     a.setups = [s.strip() for s in a.setups.split(',') if s.strip()]
     a.workloads = [w.strip() for w in a.workloads.split(',') if w.strip()]
+    a.gpus = sorted({int(x) for x in str(a.gpus).split(',') if x.strip()})
+    if not a.gpus or min(a.gpus) < 1: p.error("--gpus takes counts of 1 or more, e.g. 1,2")
     bad = [s for s in a.setups if s not in SETUPS] + [w for w in a.workloads if w not in WORKLOADS]
     if bad: p.error(f"unknown setup or workload: {', '.join(bad)}")
     if a.warmup < 1 or a.steps < 1: p.error("--warmup and --steps must be at least 1")
