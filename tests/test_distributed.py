@@ -1,6 +1,7 @@
 """Two processes (torchrun, gloo on CPU) train like one process with the same batch: each rank sees different rows,
-the adapter and losses match, and only rank 0 writes files (the trainer's per-rank random state aside)."""
-import json, os, re, subprocess, sys
+the adapter and losses match, only rank 0 writes files (the trainer's per-rank random state aside), and a run
+resumed from a checkpoint ends with the same adapter."""
+import json, os, re, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 from test_training import MALLOC_ENV, ROWS, make_run, tiny  # noqa: F401  (tiny is a fixture)
@@ -46,9 +47,9 @@ Path(sys.argv[2], f'rank{rank}.json').write_text(json.dumps(dict(seen=seen, writ
 STEPS, BATCH, ACCUM = 3, 2, 2
 
 
-def run_worker(tmp, tiny, n):
+def run_worker(tmp, tiny, n, again=False):
     ini = make_run(tmp/f'p{n}', tiny, batch=BATCH, accum=ACCUM, steps=STEPS, save=2, lr=1e-2)
-    rec = tmp/f'rec{n}'; rec.mkdir()
+    rec = tmp/f"rec{n}{'-again' if again else ''}"; rec.mkdir()
     worker = tmp/'worker.py'; worker.write_text(WORKER)
     launch = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={n}'] if n > 1 else [])
     env = dict(os.environ, **MALLOC_ENV, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
@@ -95,3 +96,11 @@ def test_two_processes_train_like_one(tmp_path, tiny):
     text = (out2/'finetune.log').read_text(encoding='utf-8')
     assert '2 processes' in text and f"step {STEPS}/{STEPS}" in text and '[rank 1]' not in text
     assert text.count(f"step {STEPS}/{STEPS} | loss") == 1  # progress is logged once, by rank 0
+
+    # resume: lose what came after checkpoint-2, as a run stopped there would; two processes finish the same adapter
+    shutil.rmtree(out2/'checkpoint-3'); shutil.rmtree(out2/'adapter'); (out2/'train_stats.json').unlink()
+    out3, (a0, a1), _ = run_worker(tmp_path, tiny, 2, again=True)
+    assert 'resuming from checkpoint-2 (step 2/3)' in (out3/'finetune.log').read_text(encoding='utf-8')
+    assert len(a0['seen']) == len(a1['seen']) == 1 and sorted(a0['seen'][0] + a1['seen'][0]) == sorted(r0['seen'][2] + r1['seen'][2])
+    w3 = load_file(out3/'adapter'/'adapter_model.safetensors')
+    for k in w2: assert torch.allclose(w3[k], w2[k], atol=1e-6), (k, (w3[k] - w2[k]).abs().max())
