@@ -145,7 +145,14 @@ def _materialize_gguf(path, dest):
     model.save_pretrained(dest)
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(dest)
 
-# %% ../nbs/05_export.ipynb #09d57537
+# %% ../nbs/05_export.ipynb #528ce7c6
+def _use_tokenizer(folder, adapter_dir, base):
+    "Put the trained tokenizer (the adapter's, with the pad token training set; else `base`'s) in `folder`, replacing any there."
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(adapter_dir if (Path(adapter_dir)/'tokenizer_config.json').is_file() else base)
+    for f in _TOKENIZER_FILES: (Path(folder)/f).unlink(missing_ok=True)
+    tok.save_pretrained(folder)
+
 def _check_adapter(adapter_dir):
     for f in ('adapter_config.json', 'adapter_model.safetensors'):
         if not (Path(adapter_dir)/f).is_file():
@@ -164,7 +171,6 @@ def merge_adapter(cfg:RunConfig, # BASE_MODEL_NAME says which base weights to me
                   method:str='auto' # 'stream' (per tensor), 'peft' (merge_and_unload) or 'auto'
                  ) -> Path:
     "Merge the LoRA adapter into the original base weights and save a standalone model folder at `dest`."
-    from transformers import AutoTokenizer
     adapter_dir, dest = Path(adapter_dir), Path(dest)
     _check_adapter(adapter_dir)
     kind, src = _base_source(cfg)
@@ -186,9 +192,7 @@ def merge_adapter(cfg:RunConfig, # BASE_MODEL_NAME says which base weights to me
                 for f in Path(src).glob('*.json'):
                     if f.name not in _TOKENIZER_FILES: shutil.copyfile(f, tmp/f.name)
             log.info(f"merge: {len(done)} weights merged in place over {len(shards)} shard(s), scale {next(iter(pairs.values()))[2]:g}")
-        for f in _TOKENIZER_FILES: (tmp/f).unlink(missing_ok=True)
-        tok_src = adapter_dir if (adapter_dir/'tokenizer_config.json').is_file() else src
-        AutoTokenizer.from_pretrained(tok_src).save_pretrained(tmp)
+        _use_tokenizer(tmp, adapter_dir, src)
     return dest
 
 # %% ../nbs/05_export.ipynb #03383c0a
@@ -212,7 +216,7 @@ def check_converter() -> str:
                           f"PyPI's `gguf` was probably installed after it). Run `{fix}`.")
     return ver
 
-# %% ../nbs/05_export.ipynb #8ee5e4e0
+# %% ../nbs/05_export.ipynb #c0bf1bf6
 _OUTTYPES = {'f32': 'ALL_F32', 'f16': 'MOSTLY_F16', 'bf16': 'MOSTLY_BF16', 'q8_0': 'MOSTLY_Q8_0'}
 
 def _merge_fn(key, A, B, scale):
@@ -267,7 +271,6 @@ def export_source(cfg:RunConfig, # BASE_MODEL_NAME says which base weights
                   dest:str|Path # the folder to make
                  ) -> Path:
     "A model folder for the converter: the base's weights (linked, not copied; a `.gguf` base dequantized), its config, the adapter's tokenizer."
-    from transformers import AutoTokenizer
     adapter_dir, kind, src = Path(adapter_dir), *_base_source(cfg)
     with atomic_path(dest, is_dir=True) as tmp:
         if kind == 'gguf': _materialize_gguf(src, tmp)
@@ -275,9 +278,7 @@ def export_source(cfg:RunConfig, # BASE_MODEL_NAME says which base weights
             for f in Path(src).iterdir():
                 if f.suffix in ('.safetensors', '.bin') or f.name.endswith('.index.json'): (tmp/f.name).symlink_to(f.resolve())
                 elif f.suffix == '.json' and f.name not in _TOKENIZER_FILES: shutil.copyfile(f, tmp/f.name)
-        tok = AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir/'tokenizer_config.json').is_file() else (tmp if kind == 'gguf' else src))
-        for f in _TOKENIZER_FILES: (tmp/f).unlink(missing_ok=True)
-        tok.save_pretrained(tmp)
+        _use_tokenizer(tmp, adapter_dir, tmp if kind == 'gguf' else src)
     return Path(dest)
 
 # %% ../nbs/05_export.ipynb #c91fe5b2

@@ -179,6 +179,24 @@ def test_merge_changes_the_model(llama_export, tmp_path):
     assert (a[k] - b[k]).abs().max() > 1e-2 and (a['model.norm.weight'] == b['model.norm.weight']).all()
 
 
+def test_merge_from_a_gguf_base_with_an_adapter_without_tokenizer(llama_export, tmp_path):
+    "A `.gguf` base is dequantized into the merged folder, and its own tokenizer is used when the adapter has none."
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+    from taide_ft.export import convert_to_gguf
+    cfg, res = llama_export
+    base_gguf = convert_to_gguf(cfg.model.base_model_name, tmp_path/'base-f32.gguf', 'f32')
+    adapter = tmp_path/'adapter'; adapter.mkdir()
+    for f in ('adapter_config.json', 'adapter_model.safetensors'): shutil.copy(cfg.output_dir/'adapter'/f, adapter/f)
+    merged = merge_adapter(load_config(None, check_files=False, base_model_name=str(base_gguf)), adapter, tmp_path/'merged')
+    tok = AutoTokenizer.from_pretrained(merged)
+    assert tok('台灣').input_ids == AutoTokenizer.from_pretrained(cfg.model.base_model_name)('台灣').input_ids
+    want = merge_adapter(cfg, cfg.output_dir/'adapter', tmp_path/'merged-from-folder')
+    a, b = load_file(merged/'model.safetensors'), load_file(want/'model.safetensors')
+    k = 'model.layers.1.self_attn.v_proj.weight'
+    assert (a[k].float() - b[k].float()).abs().max() < 1e-3
+
+
 def test_corrupt_ggufs_are_caught(llama_export, tmp_path):
     cfg, res = llama_export
     src = res.ggufs['f16']; data = bytearray(src.read_bytes())
