@@ -32,8 +32,8 @@ def run(mode, base, out, passes=2):
     data = build_dataset(cfg, tok)
     torch.manual_seed(0)
     model = add_lora(model, cfg)
-    probe = make_trainer(cfg, model, tok, data)  # to learn how many micro-batches the rows make in this mode
-    steps = math.ceil(passes * len(probe.train_dataset) / cfg.train.per_device_train_batch_size) if mode != 'group' else passes * len(probe.train_dataset)
+    probe = make_trainer(cfg, model, tok, data)  # to learn how many items (rows, bins or groups) the rows make in this mode
+    steps = math.ceil(passes * len(probe.train_dataset) / probe.args.per_device_train_batch_size)
     rows_per_step = passes * len(data.train) / steps
     cfg = load_config(None, check_files=False, **dict(kw, max_steps=steps, warmup_steps=max(1, steps // 20)))
     tr = make_trainer(cfg, model, tok, data)

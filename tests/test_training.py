@@ -45,14 +45,11 @@ train(cfg, add_lora(model, cfg), tok, data)
 """
 
 # glibc hands large freed blocks back to the OS; on this project's CPU test VM faulting them back in costs more than
-# the training step itself (a SmolLM2 step took 36 s instead of 1.2 s). Keep freed memory in the process, here and in
-# the runs started below, as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 would.
+# the training step itself (a SmolLM2 step took 36 s instead of 1.2 s). Keep freed memory in the process, here and
+# (from their start) in the runs started below.
 MALLOC_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': '2147483647'}
-try:
-    import ctypes
-    _libc = ctypes.CDLL('libc.so.6')
-    _libc.mallopt(-4, 0); _libc.mallopt(-1, 2**31 - 1)  # M_MMAP_MAX, M_TRIM_THRESHOLD
-except (OSError, AttributeError): pass
+from taide_ft.environment import tune_cpu_memory
+tune_cpu_memory()
 
 
 @pytest.fixture(scope='module')
