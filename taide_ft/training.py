@@ -99,7 +99,7 @@ def _gpu_gib():
     import torch
     return torch.cuda.max_memory_reserved()/2**30 if torch.cuda.is_available() else None
 
-# %% ../nbs/04_training.ipynb #98492256
+# %% ../nbs/04_training.ipynb #d463ad33
 class TrainMonitor:
     "Trainer callback: log lines, non-finite loss check, and a graceful stop on request."
     def __init__(self, max_steps:int, last_good:Callable|None=None):
@@ -141,9 +141,9 @@ class TrainMonitor:
 
     def steady_tokens_per_s(self) -> float|None:
         "Real tokens a second after the first step of this run (to the end of training), or None before the second step."
-        end = self.t_end or time.time()
-        if self.t_first is None or end - self.t_first < 1e-3 or self.tokens() <= self.tokens_first: return None
-        return (self.tokens() - self.tokens_first)/(end - self.t_first)
+        end, tokens = self.t_end or time.time(), self.tokens()  # unconditionally: with several processes this is a collective
+        if self.t_first is None or end - self.t_first < 1e-3 or tokens <= self.tokens_first: return None
+        return (tokens - self.tokens_first)/(end - self.t_first)
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs, step, now = logs or {}, state.global_step, time.time()
