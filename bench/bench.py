@@ -406,6 +406,42 @@ SETUP_CLASSES = {'a': SetupA, 'a-pack': SetupAPack, 'a-pad': SetupAPad, 'a-lean'
 def _gib(x): return round(x / 2**30, 2)
 
 
+def bare_loop(tr, steps):
+    """What a step costs without the Trainer around it: the trainer's own model, optimizer and micro-batches in a bare
+    loop (forward, backward, gradient clipping, optimizer step) with no callbacks, logging or per-step syncs.
+    The batches are fetched before timing; the trainer's figure includes fetching and collating them."""
+    import torch
+    model, opt, accum = tr.model, tr.optimizer, tr.args.gradient_accumulation_steps
+    dev = next(p.device for p in model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    loader = iter(tr.get_train_dataloader())
+    batches = []
+    for _ in range((steps + 1) * accum):
+        b = next(loader, None)
+        if b is None: break
+        batches.append({k: v.to(dev) if hasattr(v, 'to') else v for k, v in b.items()})
+    n = len(batches) // accum - 1
+    if n < 1: return dict(error=f"the loader gave {len(batches)} micro-batches; {2 * accum} needed")
+    model.train()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    def run(first, count):
+        real = torch.zeros((), dtype=torch.int64, device=dev)
+        for s in range(first, first + count):
+            for b in batches[s * accum:(s + 1) * accum]:
+                (model(**b).loss / accum).backward()
+                real += (b['input_ids'] < TOKEN_HI).sum()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step(); opt.zero_grad(set_to_none=True)
+        return real
+    run(0, 1)  # warm: the first step after the trainer's loop
+    sync()
+    t = time.perf_counter()
+    real = run(1, n)
+    sync()
+    secs = time.perf_counter() - t
+    return dict(steps=n, seconds_per_step=round(secs / n, 4), tokens_per_s=round(int(real) / secs, 1), real_tokens=int(real))
+
+
 def worker(a):
     "Run one setup on every workload; write its figures to a.result after each workload."
     import torch
@@ -439,6 +475,12 @@ def worker(a):
         r['first_step_seconds'] = r['step_seconds'][0] if r.get('step_seconds') else None
         losses = [h['loss'] for h in tr.state.log_history if 'loss' in h]
         r['losses'] = [round(x, 5) for x in losses]
+        if a.bare_steps and res['processes'] == 1 and r.get('tokens_per_s'):
+            try:
+                bare = bare_loop(tr, a.bare_steps)
+                if bare.get('tokens_per_s'): bare['trainer_overhead'] = round(bare['tokens_per_s'] / r['tokens_per_s'] - 1, 4)
+            except Exception as e: bare = dict(error=f"{type(e).__name__}: {e}")
+            r['bare_loop'] = bare
         if cuda:
             r['peak_gib'] = _gib(torch.cuda.max_memory_allocated())
             r['peak_reserved_gib'] = _gib(torch.cuda.max_memory_reserved())
@@ -562,6 +604,11 @@ def print_table(report):
     if ceiling: print(f"\nbf16 matmul ceiling {ceiling} TFLOP/s; N = {N:,} parameters; MFU = tokens/s x FLOPs a token / ceiling, "
                       "FLOPs a token = 6N with activation recomputation (gradient checkpointing), 4N without (attention FLOPs not counted).")
     for k, v in report.get('ratios', {}).items(): print(f"{k}: " + ', '.join(f"{wl} {x:.2f}x" for wl, x in v.items()))
+    for key, r in report.get('results', {}).items():
+        for wl, w in r.get('workloads', {}).items():
+            b = w.get('bare_loop') or {}
+            if b.get('tokens_per_s'): print(f"{key} {wl}: bare loop {b['tokens_per_s']:,.0f} tok/s ({b['seconds_per_step']} s a step) -> trainer overhead {100 * b['trainer_overhead']:.1f} %")
+            elif b: print(f"{key} {wl}: bare loop {b.get('error')}")
     for k, v in report.get('loss_agreement', {}).items(): print(f"loss {k}: " + ', '.join(f"{wl} max relative difference {x['max_rel_diff']:.2e} over {x['steps']} steps" for wl, x in v.items()))
 
 
@@ -573,7 +620,7 @@ def driver(a):
     log_dir = work/'logs'; log_dir.mkdir()
     max_steps = a.warmup + a.steps
     report = dict(date=stamp.isoformat(timespec='seconds'), versions=versions(),
-                  args=dict(setups=a.setups, workloads=a.workloads, gpus=a.gpus, warmup=a.warmup, steps=a.steps, budget_s=a.budget,
+                  args=dict(setups=a.setups, workloads=a.workloads, gpus=a.gpus, warmup=a.warmup, steps=a.steps, bare_steps=a.bare_steps, budget_s=a.budget,
                             smoke=a.smoke, model_dir=str(a.model_dir)),
                   recipe=dict(batch=BATCH, grad_accum=ACCUM, max_length=SEQ, lora=LORA, seed=SEED, optim='adamw_8bit',
                               learning_rate=2e-4),
@@ -638,7 +685,7 @@ def driver(a):
 
     print(f"bench: setups {','.join(a.setups)}; workloads {','.join(a.workloads)}; {a.warmup} warm-up + {a.steps} measured steps; "
           f"budget {a.budget} s; model {a.model_dir}", flush=True)
-    common = ['--model-dir', str(a.model_dir), '--max-length', str(SEQ), '--warmup', str(a.warmup), '--steps', str(a.steps),
+    common = ['--model-dir', str(a.model_dir), '--max-length', str(SEQ), '--warmup', str(a.warmup), '--steps', str(a.steps), '--bare-steps', str(a.bare_steps),
               '--workloads', ','.join(a.workloads), '--out-root', str(a.out_root)] + (['--smoke'] if a.smoke else [])
     pres = work/'prepare.json'
     rc, secs, log = run_child('prepare', ['--_prepare'] + common, min(a.build_timeout, deadline - time.perf_counter()), log_dir, pres)
@@ -735,6 +782,8 @@ def parse(argv=None):
     p.add_argument('--budget', type=float, default=540, help="seconds for the whole run; setups that would start later are skipped (default 540)")
     p.add_argument('--setup-timeout', type=float, default=240, help="seconds for one setup's process (default 240)")
     p.add_argument('--build-timeout', type=float, default=300, help="seconds for the matmul ceiling + model build (default 300)")
+    p.add_argument('--bare-steps', type=int, default=0, help="after each one-GPU workload, time this many steps of the same model, "
+                   "optimizer and batches in a bare loop, and report the trainer's overhead against it (default 0: off)")
     p.add_argument('--_worker', dest='worker', help=argparse.SUPPRESS)
     p.add_argument('--_prepare', dest='prepare', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--result', help=argparse.SUPPRESS)
