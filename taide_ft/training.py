@@ -15,25 +15,31 @@ from .environment import barrier, dist_env, dist_init, has_cuda, in_test, is_mai
 from .model import ModelError, checkpointing
 
 # %% auto #0
-__all__ = ['log', 'PadCollator', 'checkpoint_complete', 'checkpoints', 'last_checkpoint', 'TrainingDiverged',
+__all__ = ['log', 'bucket_length', 'PadCollator', 'checkpoint_complete', 'checkpoints', 'last_checkpoint', 'TrainingDiverged',
            'TrainingInterrupted', 'GPUOutOfMemory', 'TrainMonitor', 'real_tokens', 'batch_format', 'group_rows',
            'per_process_accumulation', 'pack_rows', 'make_trainer', 'oom_advice', 'TrainStats', 'train', 'save_adapter',
            'PNGPath', 'plot_loss']
 
-# %% ../nbs/04_training.ipynb #e3306e39
+# %% ../nbs/04_training.ipynb #c708ef34
 log = logging.getLogger('taide_ft.training')  # by name, not __name__, so that the notebook logs as the module does
+
+def bucket_length(n:int, multiple:int=8) -> int:
+    "`n` rounded up to a multiple of `multiple` or of 1/8 of the largest power of two <= `n`, whichever is coarser (`multiple` 1: `n`)."
+    if multiple <= 1: return n
+    step = max(multiple, (1 << max(n.bit_length() - 1, 0)) // 8)
+    return -(-n // step) * step
 
 @dataclass
 class PadCollator:
     "Pad pre-tokenized rows on the right: `pad_token_id` in `input_ids`, -100 in `labels`, 0 in `attention_mask`."
     pad_token_id: int  # the tokenizer's pad token id
-    pad_to_multiple_of: int|None = None  # 8 suits GPU tensor cores; None pads to the longest row only
+    bucket: int|None = None  # pad to `bucket_length(longest, bucket)` (GPU: few distinct shapes); None pads to the longest row only
     def __call__(self, rows:list) -> dict:
         import torch
         if rows and rows[0]['input_ids'] and isinstance(rows[0]['input_ids'][0], (list, tuple)):  # groups from `group_rows`
             rows = [{'input_ids': i, 'labels': l} for r in rows for i, l in zip(r['input_ids'], r['labels'])]
         n = max(len(r['input_ids']) for r in rows)
-        if self.pad_to_multiple_of: n = -(-n // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        if self.bucket: n = bucket_length(n, self.bucket)
         ids = torch.full((len(rows), n), self.pad_token_id, dtype=torch.long)
         labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
         for i, r in enumerate(rows):
@@ -197,7 +203,7 @@ def _progress_bar() -> bool:
     except OSError: parent = b''
     return b'papermill' not in parent and b'nbclient' not in parent
 
-# %% ../nbs/04_training.ipynb #ac8a08f7
+# %% ../nbs/04_training.ipynb #65af317a
 def batch_format(cfg:RunConfig, cuda:bool|None=None) -> str:
     "How rows form micro-batches: 'grouped', 'packed' or 'padded' (see the table above); `cuda` defaults to this machine's."
     p = cfg.train.packing
@@ -207,7 +213,7 @@ def batch_format(cfg:RunConfig, cuda:bool|None=None) -> str:
 def group_rows(ds, # tokenized rows: `input_ids`, `labels` (and `length`)
                budget:int, # tokens a micro-batch may hold once padded: rows x the longest row
                seed:int=0, # breaks ties between rows of equal length
-               multiple:int=1 # the collator pads lengths up to a multiple of this
+               bucket:int=1 # the collator pads to `bucket_length(longest, bucket)`; 1: to the longest row
               ):
     "Micro-batches of rows of similar length, each at most `budget` tokens once padded; one item a micro-batch."
     import random
@@ -216,7 +222,7 @@ def group_rows(ds, # tokenized rows: `input_ids`, `labels` (and `length`)
     rng = random.Random(seed)
     groups, cur = [], []
     for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random())):
-        padded = -(-lengths[i] // multiple) * multiple  # rows come shortest first: this row sets the group's length
+        padded = bucket_length(lengths[i], bucket)  # rows come shortest first: this row sets the group's length
         if cur and (len(cur) + 1) * padded > budget: groups.append(cur); cur = []
         cur.append(i)
     if cur: groups.append(cur)
