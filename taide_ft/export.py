@@ -222,7 +222,7 @@ def check_converter() -> str:
                           f"PyPI's `gguf` was probably installed after it). Run `{fix}`.")
     return ver
 
-# %% ../nbs/05_export.ipynb #ac304cdc
+# %% ../nbs/05_export.ipynb #285e084a
 _OUTTYPES = {'f32': 'ALL_F32', 'f16': 'MOSTLY_F16', 'bf16': 'MOSTLY_BF16', 'q8_0': 'MOSTLY_Q8_0'}
 
 def _merge_fn(key, A, B, scale):
@@ -247,7 +247,7 @@ def _add_lora(model, pairs, where):
 def _write_gguf(model, threads):
     """`model.write()`, computing up to `threads` tensors at once: llama.cpp's writer computes (reads, merges, converts)
     and writes one tensor after another on one core. Tensors are written in order; the tensors being computed never
-    add up to no more bytes than the largest one, which the one-by-one writer holds alone (peak memory converting an
+    add up to more bytes than the largest one, which the one-by-one writer holds alone (peak memory converting an
     8B model with 8 threads: 6.3 GiB, against 4.8 GiB one by one; merge + convert + quantize in 0.73x the time of
     llama.cpp's own tools, bench/README.md)."""
     from concurrent.futures import ThreadPoolExecutor
