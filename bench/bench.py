@@ -406,6 +406,11 @@ SETUP_CLASSES = {'a': SetupA, 'a-pack': SetupAPack, 'a-pad': SetupAPad, 'a-lean'
 def _gib(x): return round(x / 2**30, 2)
 
 
+def runs(workloads, passes):
+    "(result key, workload) for each training run of a worker: later passes over the same rows are WORKLOAD-passN."
+    return [(w if p == 1 else f"{w}-pass{p}", w) for p in range(1, passes + 1) for w in workloads]
+
+
 def bare_loop(tr, steps):
     """What a step costs without the Trainer around it: the trainer's own model, optimizer and micro-batches in a bare
     loop (forward, backward, gradient clipping, optimizer step) with no callbacks, logging or per-step syncs.
@@ -459,7 +464,7 @@ def worker(a):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     res['trainable_params'] = trainable
     save()
-    for wl in a.workloads:
+    for key, wl in runs(a.workloads, a.passes):
         ds = make_dataset(wl, a.warmup + a.steps)
         if int(os.environ.get('RANK', 0)) == 0: shutil.rmtree(a.out_root/f'{a.setup}-{wl}', ignore_errors=True)
         gc.collect()
@@ -484,7 +489,7 @@ def worker(a):
         if cuda:
             r['peak_gib'] = _gib(torch.cuda.max_memory_allocated())
             r['peak_reserved_gib'] = _gib(torch.cuda.max_memory_reserved())
-        res['workloads'][wl] = r
+        res['workloads'][key] = r  # a later pass replays the same rows, so the same batch shapes
         save()
         del tr, meter, out
         gc.collect()
@@ -589,8 +594,9 @@ def print_table(report):
     ceiling = (report.get('ceiling') or {}).get('tflops')
     N = report['model']['params']
     rows = [('setup', 'workload', 'tokens/s', 's/step', 'rows/step', 'tok/step', 'pad %', 'peak GiB', 'recompute', 'MFU', 'batches')]
+    passes = report['args'].get('passes', 1)
     for s, r in report['results'].items():
-        for wl in report['args']['workloads']:
+        for wl, _ in runs(report['args']['workloads'], passes):
             w = r.get('workloads', {}).get(wl)
             if not w or 'tokens_per_s' not in w:
                 rows.append((s, wl, r.get('status', '?') if not w else w.get('error', '?'), '', '', '', '', '', '', '', '')); continue
@@ -620,7 +626,7 @@ def driver(a):
     log_dir = work/'logs'; log_dir.mkdir()
     max_steps = a.warmup + a.steps
     report = dict(date=stamp.isoformat(timespec='seconds'), versions=versions(),
-                  args=dict(setups=a.setups, workloads=a.workloads, gpus=a.gpus, warmup=a.warmup, steps=a.steps, bare_steps=a.bare_steps, budget_s=a.budget,
+                  args=dict(setups=a.setups, workloads=a.workloads, gpus=a.gpus, warmup=a.warmup, steps=a.steps, bare_steps=a.bare_steps, passes=a.passes, budget_s=a.budget,
                             smoke=a.smoke, model_dir=str(a.model_dir)),
                   recipe=dict(batch=BATCH, grad_accum=ACCUM, max_length=SEQ, lora=LORA, seed=SEED, optim='adamw_8bit',
                               learning_rate=2e-4),
@@ -685,7 +691,7 @@ def driver(a):
 
     print(f"bench: setups {','.join(a.setups)}; workloads {','.join(a.workloads)}; {a.warmup} warm-up + {a.steps} measured steps; "
           f"budget {a.budget} s; model {a.model_dir}", flush=True)
-    common = ['--model-dir', str(a.model_dir), '--max-length', str(SEQ), '--warmup', str(a.warmup), '--steps', str(a.steps), '--bare-steps', str(a.bare_steps),
+    common = ['--model-dir', str(a.model_dir), '--max-length', str(SEQ), '--warmup', str(a.warmup), '--steps', str(a.steps), '--bare-steps', str(a.bare_steps), '--passes', str(a.passes),
               '--workloads', ','.join(a.workloads), '--out-root', str(a.out_root)] + (['--smoke'] if a.smoke else [])
     pres = work/'prepare.json'
     rc, secs, log = run_child('prepare', ['--_prepare'] + common, min(a.build_timeout, deadline - time.perf_counter()), log_dir, pres)
@@ -784,6 +790,8 @@ def parse(argv=None):
     p.add_argument('--build-timeout', type=float, default=300, help="seconds for the matmul ceiling + model build (default 300)")
     p.add_argument('--bare-steps', type=int, default=0, help="after each one-GPU workload, time this many steps of the same model, "
                    "optimizer and batches in a bare loop, and report the trainer's overhead against it (default 0: off)")
+    p.add_argument('--passes', type=int, default=1, help="train each workload this many times in the same process; later passes "
+                   "(reported as WORKLOAD-passN) meet batch shapes the first has already run (default 1)")
     p.add_argument('--_worker', dest='worker', help=argparse.SUPPRESS)
     p.add_argument('--_prepare', dest='prepare', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--result', help=argparse.SUPPRESS)
@@ -794,7 +802,7 @@ def parse(argv=None):
     if not a.gpus or min(a.gpus) < 1: p.error("--gpus takes counts of 1 or more, e.g. 1,2")
     bad = [s for s in a.setups if s not in SETUPS] + [w for w in a.workloads if w not in WORKLOADS]
     if bad: p.error(f"unknown setup or workload: {', '.join(bad)}")
-    if a.warmup < 1 or a.steps < 1: p.error("--warmup and --steps must be at least 1")
+    if a.warmup < 1 or a.steps < 1 or a.passes < 1: p.error("--warmup, --steps and --passes must be at least 1")
     if a.model_dir is None: a.model_dir = Path('/dev/shm/llama-tiny-bench' if a.smoke else '/dev/shm/llama8b')
     if a.worker: a.setup = a.worker
     SEQ = a.max_length  # read at call time by the workload builders and the setups
