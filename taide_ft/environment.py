@@ -124,7 +124,7 @@ def model_source(name:str) -> tuple:
     except Exception: hit = None
     return ('hub-cached', str(Path(hit).parent)) if isinstance(hit, str) else ('hub', name)
 
-# %% ../nbs/01_environment.ipynb #582f1712
+# %% ../nbs/01_environment.ipynb #2e34d92c
 BITS_PER_WEIGHT = {'f32': 32, 'f16': 16, 'bf16': 16, 'q8_0': 8.5, 'q6_k': 6.56, 'q5_k_m': 5.7, 'q5_k_s': 5.57,
                    'q5_1': 6.0, 'q5_0': 5.5, 'q4_k_m': 4.89, 'q4_k_s': 4.67, 'q4_1': 5.0, 'q4_0': 4.5,
                    'q3_k_l': 4.3, 'q3_k_m': 4.0, 'q3_k_s': 3.64, 'q2_k': 3.2}  # llama.cpp's figures for Llama 3 8B
@@ -147,12 +147,13 @@ def estimate_params(name:str) -> float|None:
     return float(m.group(1))*1e9 if m else None
 
 def disk_need_gib(cfg:RunConfig, n_params:float|None=None) -> float|None:
-    "GiB the run writes under OUTPUT_DIR: merged 16-bit model, 16-bit GGUF, quantized GGUFs, checkpoints."
+    "GiB the run writes under OUTPUT_DIR: the 16-bit GGUF, quantized GGUFs, checkpoints, and a `.gguf` base's dequantized copy."
     n = n_params or estimate_params(cfg.model.base_model_name)
     if n is None: return None
     gib = lambda bits: n*bits/8/2**30
     quants = sum(gib(BITS_PER_WEIGHT[q]) for q in cfg.quant.quantization_method if q not in ('f16', 'bf16'))
-    return 2*gib(16) + quants + 1.0
+    base_copy = gib(32) if str(cfg.model.base_model_name).endswith('.gguf') else 0  # the converter reads float32 weights
+    return gib(16) + quants + base_copy + 1.0
 
 # %% ../nbs/01_environment.ipynb #e80b9bd5
 _LIBS = ['torch', 'transformers', 'peft', 'trl', 'datasets', 'accelerate', 'unsloth', 'bitsandbytes', 'llama_cpp_python', 'gguf']
@@ -181,7 +182,7 @@ class EnvReport:
         return '\n'.join(lines)
     __repr__ = __str__
 
-# %% ../nbs/01_environment.ipynb #64873425
+# %% ../nbs/01_environment.ipynb #21a50272
 def _gpu_rows(rep):
     import torch
     if not torch.cuda.is_available():
@@ -219,7 +220,7 @@ def env_report(cfg:RunConfig) -> EnvReport:
     need = disk_need_gib(cfg)
     rep.rows.append(('disk', f"{free:.1f} GiB free at {q}" + (f", about {need:.1f} GiB needed" if need else '')))
     if need and free < need:
-        rep.errors.append(f"[Training] OUTPUT_DIR = {out}: {free:.1f} GiB free, the run needs about {need:.1f} GiB (merged model, GGUF files, checkpoints). Free disk or choose another OUTPUT_DIR.")
+        rep.errors.append(f"[Training] OUTPUT_DIR = {out}: {free:.1f} GiB free, the run needs about {need:.1f} GiB (GGUF files, checkpoints). Free disk or choose another OUTPUT_DIR.")
     return rep
 
 # %% ../nbs/01_environment.ipynb #d24ee3c6
