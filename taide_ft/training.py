@@ -262,7 +262,7 @@ def _check_rows(ds, cfg, name):
     if max(lengths) > cfg.model.max_seq_length:
         raise ValueError(f"the {name} data has a row of {max(lengths)} tokens, over [Model] MAX_SEQ_LENGTH = {cfg.model.max_seq_length}: build the data with the same config as training.")
 
-# %% ../nbs/04_training.ipynb #6733118a
+# %% ../nbs/04_training.ipynb #a0678c02
 def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_LENGTH, OUTPUT_DIR
                  model, # from `add_lora`
                  tokenizer, # from `load_model`
@@ -281,13 +281,14 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
     if eval_ds is not None: _check_rows(eval_ds, cfg, 'eval')
     t, cuda, dtype = cfg.train, has_cuda(), pick_dtype(cfg)
     gc, fmt, n_seq, b = checkpointing(cfg, backend, model), batch_format(cfg, cuda), cfg.model.max_seq_length, t.per_device_train_batch_size
+    bucket = 8 if cuda else 1  # padded lengths (`bucket_length`): grouping and collator must agree
     accum, world = per_process_accumulation(cfg)
     n, per_step = len(train_ds), b * t.gradient_accumulation_steps
     if fmt == 'packed':
         train_ds = pack_rows(train_ds, n_seq)
         log.info(f"batches: packed (PACKING = {t.packing}): {n} rows in {len(train_ds)} bins of at most {n_seq} tokens; a step is {per_step} bins")
     elif fmt == 'grouped':
-        train_ds, b = group_rows(train_ds, b * n_seq, t.seed, 8 if cuda else 1), 1
+        train_ds, b = group_rows(train_ds, b * n_seq, t.seed, bucket), 1
         log.info(f"batches: grouped (PACKING = {t.packing}): {n} rows in {len(train_ds)} micro-batches of rows of similar length, at most "
                  f"{t.per_device_train_batch_size} x {n_seq} tokens each; a step is {t.gradient_accumulation_steps} micro-batches, about "
                  f"{n * t.gradient_accumulation_steps / len(train_ds):.0f} rows")
@@ -319,7 +320,7 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
     monitor = type('TrainMonitorCallback', (TrainMonitor, TrainerCallback), {})(t.max_steps, lambda: last_checkpoint(cfg.output_dir))
     trainer = _trainer_class(SFTTrainer)(model=model, args=SFTConfig(**kw),
                                          # None: TRL's packed collator (Unsloth's, on its backend)
-                                         data_collator=None if fmt == 'packed' else PadCollator(tokenizer.pad_token_id, 8 if cuda else None),
+                                         data_collator=None if fmt == 'packed' else PadCollator(tokenizer.pad_token_id, bucket),
                                          train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, callbacks=[monitor])
     trainer._taide_plain_loss = not cuda
     trainer.remove_callback(PrinterCallback)  # it prints each log dict; the monitor's lines replace it
