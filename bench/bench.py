@@ -13,7 +13,7 @@ See bench/README.md for what each setup is and how tokens are counted.
 """
 from __future__ import annotations
 
-import argparse, datetime as dt, gc, importlib, importlib.metadata as md, importlib.util, inspect, json, math, os, re
+import argparse, contextlib, datetime as dt, gc, importlib, importlib.metadata as md, importlib.util, inspect, json, math, os, re
 import shutil, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 
@@ -438,11 +438,16 @@ def bare_loop(tr, steps):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step(); opt.zero_grad(set_to_none=True)
         return real
-    run(0, 1)  # warm: the first step after the trainer's loop
-    sync()
-    t = time.perf_counter()
-    real = run(1, n)
-    sync()
+    attention = contextlib.nullcontext()
+    if hasattr(tr, '_taide_batches'):  # taide_ft's trainer picks the attention kernels while it trains: the same here
+        from taide_ft.training import _attention_for
+        attention = _attention_for(tr._taide_batches)
+    with attention:
+        run(0, 1)  # warm: the first step after the trainer's loop
+        sync()
+        t = time.perf_counter()
+        real = run(1, n)
+        sync()
     secs = time.perf_counter() - t
     return dict(steps=n, seconds_per_step=round(secs / n, 4), tokens_per_s=round(int(real) / secs, 1), real_tokens=int(real))
 

@@ -20,26 +20,28 @@ __all__ = ['log', 'bucket_length', 'PadCollator', 'checkpoint_complete', 'checkp
            'per_process_accumulation', 'pack_rows', 'make_trainer', 'oom_advice', 'TrainStats', 'train', 'save_adapter',
            'PNGPath', 'plot_loss']
 
-# %% ../nbs/04_training.ipynb #c708ef34
+# %% ../nbs/04_training.ipynb #de8ef312
 log = logging.getLogger('taide_ft.training')  # by name, not __name__, so that the notebook logs as the module does
 
-def bucket_length(n:int, multiple:int=8) -> int:
-    "`n` rounded up to a multiple of `multiple` or of 1/8 of the largest power of two <= `n`, whichever is coarser (`multiple` 1: `n`)."
+def bucket_length(n:int, multiple:int=8, cap:int|None=None) -> int:
+    "`n` rounded up to a multiple of `multiple` or of 1/8 of the largest power of two <= `n`, whichever is coarser, but not past `cap` (`multiple` 1: `n`)."
     if multiple <= 1: return n
     step = max(multiple, (1 << max(n.bit_length() - 1, 0)) // 8)
-    return -(-n // step) * step
+    up = -(-n // step) * step
+    return up if cap is None else min(up, max(n, cap))
 
 @dataclass
 class PadCollator:
     "Pad pre-tokenized rows on the right: `pad_token_id` in `input_ids`, -100 in `labels`, 0 in `attention_mask`."
     pad_token_id: int  # the tokenizer's pad token id
-    bucket: int|None = None  # pad to `bucket_length(longest, bucket)` (GPU: few distinct shapes); None pads to the longest row only
+    bucket: int|None = None  # pad to `bucket_length(longest, bucket, cap)` (GPU: few distinct shapes); None pads to the longest row only
+    cap: int|None = None  # `MAX_SEQ_LENGTH`: rounding up never pads past it
     def __call__(self, rows:list) -> dict:
         import torch
         if rows and rows[0]['input_ids'] and isinstance(rows[0]['input_ids'][0], (list, tuple)):  # groups from `group_rows`
             rows = [{'input_ids': i, 'labels': l} for r in rows for i, l in zip(r['input_ids'], r['labels'])]
         n = max(len(r['input_ids']) for r in rows)
-        if self.bucket: n = bucket_length(n, self.bucket)
+        if self.bucket: n = bucket_length(n, self.bucket, self.cap)
         ids = torch.full((len(rows), n), self.pad_token_id, dtype=torch.long)
         labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
         for i, r in enumerate(rows):
@@ -166,7 +168,7 @@ class TrainMonitor:
     def on_save(self, args, state, control, **kw):
         log.info(f"saved checkpoint-{state.global_step} (adapter, optimizer, scheduler)")
 
-# %% ../nbs/04_training.ipynb #a6ac809d
+# %% ../nbs/04_training.ipynb #b06babd0
 def real_tokens(batch:dict):
     "Real (non-padding) tokens in a collated batch: the attention mask's ones, or a packed batch's tokens before its padded tail."
     mask = batch.get('attention_mask')
@@ -179,7 +181,7 @@ def real_tokens(batch:dict):
 
 def _trainer_class(base):
     class TaideTrainer(base):
-        _taide_tokens, _taide_loss, _taide_plain_loss = 0, None, False
+        _taide_tokens, _taide_loss, _taide_plain_loss, _taide_batches = 0, None, False, 'padded'
         def compute_loss(self, model, inputs, *args, **kwargs):
             if not self._taide_plain_loss: return super().compute_loss(model, inputs, *args, **kwargs)
             from transformers import Trainer
@@ -192,7 +194,19 @@ def _trainer_class(base):
         def _taide_step_loss(self):
             loss, self._taide_loss = self._taide_loss, None
             return None if loss is None else float(loss)
+        def train(self, *args, **kwargs):
+            with _attention_for(self._taide_batches): return super().train(*args, **kwargs)
     return TaideTrainer
+
+@contextlib.contextmanager
+def _attention_for(batches:str, cuda:bool|None=None):
+    "While training padded micro-batches (many shapes) on CUDA, PyTorch's attention without cuDNN, which plans each new shape anew."
+    import torch
+    if batches == 'packed' or not (torch.cuda.is_available() if cuda is None else cuda): yield; return
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try: yield
+    finally: torch.backends.cuda.enable_cudnn_sdp(was)
 
 def _progress_bar() -> bool:
     "Show tqdm's bar? Only in an interactive Jupyter kernel (not papermill, not tests)."
@@ -203,7 +217,7 @@ def _progress_bar() -> bool:
     except OSError: parent = b''
     return b'papermill' not in parent and b'nbclient' not in parent
 
-# %% ../nbs/04_training.ipynb #65af317a
+# %% ../nbs/04_training.ipynb #c694c888
 def batch_format(cfg:RunConfig, cuda:bool|None=None) -> str:
     "How rows form micro-batches: 'grouped', 'packed' or 'padded' (see the table above); `cuda` defaults to this machine's."
     p = cfg.train.packing
@@ -213,21 +227,28 @@ def batch_format(cfg:RunConfig, cuda:bool|None=None) -> str:
 def group_rows(ds, # tokenized rows: `input_ids`, `labels` (and `length`)
                budget:int, # tokens a micro-batch may hold once padded: rows x the longest row
                seed:int=0, # breaks ties between rows of equal length
-               bucket:int=1 # the collator pads to `bucket_length(longest, bucket)`; 1: to the longest row
+               bucket:int=1, # the collator pads to `bucket_length(longest, bucket, cap)`; 1: to the longest row
+               cap:int|None=None # `MAX_SEQ_LENGTH`
               ):
-    "Micro-batches of rows of similar length, each at most `budget` tokens once padded; one item a micro-batch."
+    """Micro-batches of rows of similar length, each at most `budget` tokens once padded; one item a micro-batch.
+    With `bucket` > 1 (a GPU) a micro-batch of one row, among others of several, gets a second row of one token and no labels."""
     import random
     from datasets import Dataset
     lengths = ds['length'] if 'length' in ds.column_names else [len(x) for x in ds['input_ids']]
     rng = random.Random(seed)
     groups, cur = [], []
     for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random())):
-        padded = bucket_length(lengths[i], bucket)  # rows come shortest first: this row sets the group's length
+        padded = bucket_length(lengths[i], bucket, cap)  # rows come shortest first: this row sets the group's length
         if cur and (len(cur) + 1) * padded > budget: groups.append(cur); cur = []
         cur.append(i)
     if cur: groups.append(cur)
     ids, labels = ds['input_ids'], ds['labels']
-    return Dataset.from_dict({'input_ids': [[ids[i] for i in g] for g in groups], 'labels': [[labels[i] for i in g] for g in groups],
+    # a compiled GPU step specialises to a batch of one row: a first such micro-batch costs a compilation of its own
+    # (10 s for an 8B model), so a lone row gets company that adds no loss and one token
+    lone = bucket > 1 and max(map(len, groups)) > 1
+    extra = lambda g, row: [row] if lone and len(g) == 1 else []
+    return Dataset.from_dict({'input_ids': [[ids[i] for i in g] + extra(g, ids[g[0]][:1]) for g in groups],
+                              'labels': [[labels[i] for i in g] + extra(g, [-100]) for g in groups],
                               'rows': [len(g) for g in groups]})
 
 def per_process_accumulation(cfg:RunConfig, world:int|None=None) -> tuple:
@@ -262,7 +283,7 @@ def _check_rows(ds, cfg, name):
     if max(lengths) > cfg.model.max_seq_length:
         raise ValueError(f"the {name} data has a row of {max(lengths)} tokens, over [Model] MAX_SEQ_LENGTH = {cfg.model.max_seq_length}: build the data with the same config as training.")
 
-# %% ../nbs/04_training.ipynb #a0678c02
+# %% ../nbs/04_training.ipynb #566b5a2f
 def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_LENGTH, OUTPUT_DIR
                  model, # from `add_lora`
                  tokenizer, # from `load_model`
@@ -288,7 +309,7 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
         train_ds = pack_rows(train_ds, n_seq)
         log.info(f"batches: packed (PACKING = {t.packing}): {n} rows in {len(train_ds)} bins of at most {n_seq} tokens; a step is {per_step} bins")
     elif fmt == 'grouped':
-        train_ds, b = group_rows(train_ds, b * n_seq, t.seed, bucket), 1
+        train_ds, b = group_rows(train_ds, b * n_seq, t.seed, bucket, n_seq), 1
         log.info(f"batches: grouped (PACKING = {t.packing}): {n} rows in {len(train_ds)} micro-batches of rows of similar length, at most "
                  f"{t.per_device_train_batch_size} x {n_seq} tokens each; a step is {t.gradient_accumulation_steps} micro-batches, about "
                  f"{n * t.gradient_accumulation_steps / len(train_ds):.0f} rows")
@@ -320,7 +341,7 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
     monitor = type('TrainMonitorCallback', (TrainMonitor, TrainerCallback), {})(t.max_steps, lambda: last_checkpoint(cfg.output_dir))
     trainer = _trainer_class(SFTTrainer)(model=model, args=SFTConfig(**kw),
                                          # None: TRL's packed collator (Unsloth's, on its backend)
-                                         data_collator=None if fmt == 'packed' else PadCollator(tokenizer.pad_token_id, bucket),
+                                         data_collator=None if fmt == 'packed' else PadCollator(tokenizer.pad_token_id, bucket, n_seq),
                                          train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, callbacks=[monitor])
     trainer._taide_plain_loss = not cuda
     trainer.remove_callback(PrinterCallback)  # it prints each log dict; the monitor's lines replace it

@@ -234,3 +234,33 @@ def test_packed_batches_give_the_padded_loss(tmp_path, tiny):
     for n in gp:
         assert torch.allclose(gp[n], gq[n], rtol=1e-4, atol=1e-7), (n, (gp[n] - gq[n]).abs().max())
         assert torch.allclose(gg[n], gq[n], rtol=1e-4, atol=1e-7), (n, (gg[n] - gq[n]).abs().max())
+
+
+def test_a_lone_rows_companion_changes_nothing(tiny):
+    """On a GPU a grouped micro-batch of one row, among larger ones, gets a one-token companion without labels (a batch
+    of one row would compile apart): the row's loss and gradients stay what they are alone."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from taide_ft.training import PadCollator, group_rows
+    rows = [list(range(10, 10 + n)) for n in (5, 6, 7, 30)]
+    ds = Dataset.from_dict({'input_ids': rows, 'labels': [[-100] * 2 + r[2:] for r in rows]})
+    g = group_rows(ds, 48, bucket=8)  # 3 rows padded to 8; the 30-token row (padded to 32) has no room beside another
+    assert [len(x) for x in g['input_ids']] == [3, 2] and g['rows'] == [3, 1] and g['labels'][1][1] == [-100]
+    together = PadCollator(0, 8)([g[1]])
+    alone = PadCollator(0)([{'input_ids': rows[3], 'labels': g['labels'][1][0]}])
+    assert together['input_ids'].shape == (2, 32) and alone['input_ids'].shape == (1, 30)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], init_lora_weights=False))
+    res = []
+    for b in (together, alone):
+        model.zero_grad()
+        loss = model(**b).loss
+        loss.backward()
+        res.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l2, g2), (l1, g1) = res
+    assert abs(l2 - l1) < 1e-5 * abs(l1), (l2, l1)
+    assert g2.keys() == g1.keys() and len(g1) == 8  # q and v of 2 layers, A and B
+    for n in g1: assert torch.allclose(g2[n], g1[n], rtol=1e-4, atol=1e-7), (n, (g2[n] - g1[n]).abs().max())
