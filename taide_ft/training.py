@@ -17,8 +17,8 @@ from .model import ModelError, checkpointing
 # %% auto #0
 __all__ = ['log', 'bucket_length', 'PadCollator', 'checkpoint_complete', 'checkpoints', 'last_checkpoint', 'TrainingDiverged',
            'TrainingInterrupted', 'GPUOutOfMemory', 'TrainMonitor', 'real_tokens', 'batch_format', 'group_rows',
-           'per_process_accumulation', 'pack_rows', 'make_trainer', 'oom_advice', 'TrainStats', 'train', 'save_adapter',
-           'PNGPath', 'plot_loss']
+           'StepSampler', 'micro_batch_cost', 'per_process_accumulation', 'pack_rows', 'make_trainer', 'oom_advice',
+           'TrainStats', 'train', 'save_adapter', 'PNGPath', 'plot_loss']
 
 # %% ../nbs/04_training.ipynb #de8ef312
 log = logging.getLogger('taide_ft.training')  # by name, not __name__, so that the notebook logs as the module does
@@ -168,7 +168,7 @@ class TrainMonitor:
     def on_save(self, args, state, control, **kw):
         log.info(f"saved checkpoint-{state.global_step} (adapter, optimizer, scheduler)")
 
-# %% ../nbs/04_training.ipynb #b06babd0
+# %% ../nbs/04_training.ipynb #4c306f7d
 def real_tokens(batch:dict):
     "Real (non-padding) tokens in a collated batch: the attention mask's ones, or a packed batch's tokens before its padded tail."
     mask = batch.get('attention_mask')
@@ -196,6 +196,8 @@ def _trainer_class(base):
             return None if loss is None else float(loss)
         def train(self, *args, **kwargs):
             with _attention_for(self._taide_batches): return super().train(*args, **kwargs)
+        def _get_train_sampler(self, *args, **kwargs):
+            return getattr(self, '_taide_sampler', None) or super()._get_train_sampler(*args, **kwargs)
     return TaideTrainer
 
 @contextlib.contextmanager
@@ -217,7 +219,7 @@ def _progress_bar() -> bool:
     except OSError: parent = b''
     return b'papermill' not in parent and b'nbclient' not in parent
 
-# %% ../nbs/04_training.ipynb #c694c888
+# %% ../nbs/04_training.ipynb #2b82d101
 def batch_format(cfg:RunConfig, cuda:bool|None=None) -> str:
     "How rows form micro-batches: 'grouped', 'packed' or 'padded' (see the table above); `cuda` defaults to this machine's."
     p = cfg.train.packing
@@ -236,12 +238,12 @@ def group_rows(ds, # tokenized rows: `input_ids`, `labels` (and `length`)
     from datasets import Dataset
     lengths = ds['length'] if 'length' in ds.column_names else [len(x) for x in ds['input_ids']]
     rng = random.Random(seed)
-    groups, cur = [], []
+    groups, cur, padded_to = [], [], []
     for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random())):
         padded = bucket_length(lengths[i], bucket, cap)  # rows come shortest first: this row sets the group's length
-        if cur and (len(cur) + 1) * padded > budget: groups.append(cur); cur = []
-        cur.append(i)
-    if cur: groups.append(cur)
+        if cur and (len(cur) + 1) * padded > budget: groups.append(cur); padded_to.append(last); cur = []
+        cur.append(i); last = padded
+    if cur: groups.append(cur); padded_to.append(last)
     ids, labels = ds['input_ids'], ds['labels']
     # a compiled GPU step specialises to a batch of one row: a first such micro-batch costs a compilation of its own
     # (10 s for an 8B model), so a lone row gets company that adds no loss and one token
@@ -249,7 +251,37 @@ def group_rows(ds, # tokenized rows: `input_ids`, `labels` (and `length`)
     extra = lambda g, row: [row] if lone and len(g) == 1 else []
     return Dataset.from_dict({'input_ids': [[ids[i] for i in g] + extra(g, ids[g[0]][:1]) for g in groups],
                               'labels': [[labels[i] for i in g] + extra(g, [-100]) for g in groups],
-                              'rows': [len(g) for g in groups]})
+                              'rows': [len(g) for g in groups], 'length': padded_to})
+
+class StepSampler:
+    """Micro-batches in a new random order each epoch (from `seed` and the epoch alone, so every process draws the same),
+    each step's `per_step` of them dealt so that `world` processes, taking items r, r + world, ... of the order, get about
+    equal work: heaviest first, each to the process with the least so far that still has room."""
+    def __init__(self, costs:list, per_step:int, world:int=1, seed:int=0):
+        self.costs, self.per_step, self.world, self.seed, self.epoch = list(costs), per_step, world, seed, 0
+    def set_epoch(self, epoch:int): self.epoch = epoch  # the trainer calls it at each epoch, and on resuming
+    def __len__(self): return len(self.costs)
+    def __iter__(self):
+        import torch
+        order = torch.randperm(len(self.costs), generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        return iter([i for s in range(0, len(order), self.per_step) for i in self.deal(order[s:s + self.per_step])])
+    def deal(self, step:list) -> list:
+        "`step`'s micro-batches in the order that hands each process an equal share of the work."
+        room = -(-len(step) // self.world)
+        hands, work = [[] for _ in range(self.world)], [0.0] * self.world
+        for i in sorted(step, key=lambda i: -self.costs[i]):
+            r = min((r for r in range(self.world) if len(hands[r]) < room), key=lambda r: work[r])
+            hands[r].append(i); work[r] += self.costs[i]
+        hands.sort(key=len, reverse=True)  # a short last step: the fuller hands go to the first processes
+        return [h[j] for j in range(room) for h in hands if j < len(h)]
+
+def micro_batch_cost(rows:int, length:int, config) -> float:
+    "Work of a padded micro-batch of `rows` x `length` tokens, in tokens: the layers' matrix products, plus attention, which grows with the length."
+    h = config.hidden_size
+    i = getattr(config, 'intermediate_size', None) or 4 * h
+    kv = getattr(config, 'num_key_value_heads', None) or config.num_attention_heads
+    per_token = h * h * (2 + 2 * kv / config.num_attention_heads) + 3 * h * i  # q, o, k, v and the MLP's three
+    return rows * length * (1 + 2 * h * length / per_token)  # attention: 2 x 2 x h x length a token, against 2 x per_token
 
 def per_process_accumulation(cfg:RunConfig, world:int|None=None) -> tuple:
     "(accumulation steps for each process, number of processes): `world` processes (default: this run's) share `GRADIENT_ACCUMULATION_STEPS`."
@@ -283,7 +315,7 @@ def _check_rows(ds, cfg, name):
     if max(lengths) > cfg.model.max_seq_length:
         raise ValueError(f"the {name} data has a row of {max(lengths)} tokens, over [Model] MAX_SEQ_LENGTH = {cfg.model.max_seq_length}: build the data with the same config as training.")
 
-# %% ../nbs/04_training.ipynb #566b5a2f
+# %% ../nbs/04_training.ipynb #fc7fd8d4
 def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_LENGTH, OUTPUT_DIR
                  model, # from `add_lora`
                  tokenizer, # from `load_model`
@@ -310,6 +342,8 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
         log.info(f"batches: packed (PACKING = {t.packing}): {n} rows in {len(train_ds)} bins of at most {n_seq} tokens; a step is {per_step} bins")
     elif fmt == 'grouped':
         train_ds, b = group_rows(train_ds, b * n_seq, t.seed, bucket, n_seq), 1
+        costs = [micro_batch_cost(r, n, model.config) for r, n in zip(train_ds['rows'], train_ds['length'])]
+        sampler = StepSampler(costs, t.gradient_accumulation_steps, world, t.seed)
         log.info(f"batches: grouped (PACKING = {t.packing}): {n} rows in {len(train_ds)} micro-batches of rows of similar length, at most "
                  f"{t.per_device_train_batch_size} x {n_seq} tokens each; a step is {t.gradient_accumulation_steps} micro-batches, about "
                  f"{n * t.gradient_accumulation_steps / len(train_ds):.0f} rows")
@@ -317,7 +351,8 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
         log.info(f"batches: padded (PACKING = {t.packing}); a step is {per_step} rows")
     if world > 1:
         log.info(f"{world} processes: each takes {b} x {accum} {dict(packed='bins', grouped='micro-batches', padded='rows')[fmt]} a step, "
-                 f"together batch {t.per_device_train_batch_size} x accumulation {t.gradient_accumulation_steps} as one process would")
+                 f"together batch {t.per_device_train_batch_size} x accumulation {t.gradient_accumulation_steps} as one process would"
+                 + ("; a step's micro-batches are dealt to the processes by their work" if fmt == 'grouped' else ''))
     every = t.save_steps if t.save_steps else None
     kw = dict(output_dir=str(cfg.output_dir), per_device_train_batch_size=b,
               per_device_eval_batch_size=t.per_device_train_batch_size, gradient_accumulation_steps=accum,
@@ -346,6 +381,7 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
     trainer._taide_plain_loss = not cuda
     trainer.remove_callback(PrinterCallback)  # it prints each log dict; the monitor's lines replace it
     monitor.trainer, trainer._taide_monitor, trainer._taide_batches = trainer, monitor, fmt
+    if fmt == 'grouped': trainer._taide_sampler = sampler
     return trainer
 
 # %% ../nbs/04_training.ipynb #75d11022

@@ -47,8 +47,9 @@ Path(sys.argv[2], f'rank{rank}.json').write_text(json.dumps(dict(seen=seen, writ
 STEPS, BATCH, ACCUM = 3, 2, 2
 
 
-def run_worker(tmp, tiny, n, again=False):
-    ini = make_run(tmp/f'p{n}', tiny, batch=BATCH, accum=ACCUM, steps=STEPS, save=2, lr=1e-2)
+def run_worker(tmp, tiny, n, again=False, **kw):
+    kw = dict(dict(batch=BATCH, accum=ACCUM, steps=STEPS, save=2, lr=1e-2), **kw)
+    ini = make_run(tmp/f'p{n}', tiny, **kw)
     rec = tmp/f"rec{n}{'-again' if again else ''}"; rec.mkdir()
     worker = tmp/'worker.py'; worker.write_text(WORKER)
     launch = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={n}'] if n > 1 else [])
@@ -102,5 +103,38 @@ def test_two_processes_train_like_one(tmp_path, tiny):
     out3, (a0, a1), _ = run_worker(tmp_path, tiny, 2, again=True)
     assert 'resuming from checkpoint-2 (step 2/3)' in (out3/'finetune.log').read_text(encoding='utf-8')
     assert len(a0['seen']) == len(a1['seen']) == 1 and sorted(a0['seen'][0] + a1['seen'][0]) == sorted(r0['seen'][2] + r1['seen'][2])
+    w3 = load_file(out3/'adapter'/'adapter_model.safetensors')
+    for k in w2: assert torch.allclose(w3[k], w2[k], atol=1e-6), (k, (w3[k] - w2[k]).abs().max())
+
+
+def test_two_processes_deal_grouped_micro_batches(tmp_path, tiny):
+    """PACKING = group: each step's micro-batches are the one-process step's, dealt by work (the heavier to rank 0
+    when each takes one); losses and adapter match one process's, across an epoch boundary and a resume."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    from taide_ft.training import micro_batch_cost
+    kw = dict(packing='group', batch=1, seq=64)  # 8 rows make 4 micro-batches of 1-3 rows: an epoch is 2 steps
+    out1, (one,), _ = run_worker(tmp_path, tiny, 1, **kw)
+    out2, (r0, r1), _ = run_worker(tmp_path, tiny, 2, **kw)
+    mb = lambda rows: tuple(sorted(map(tuple, rows)))  # a micro-batch, as its rows
+    assert len(one['seen']) == STEPS * ACCUM and len(r0['seen']) == len(r1['seen']) == STEPS
+    sizes = {len(x) for x in one['seen']}
+    assert len(sizes) > 1, sizes  # micro-batches of several sizes: there is work to deal
+    cfg = AutoConfig.from_pretrained(tiny)
+    work = lambda rows: micro_batch_cost(len(rows), max(map(len, rows)), cfg)
+    for k in range(STEPS):
+        assert sorted([mb(r0['seen'][k]), mb(r1['seen'][k])]) == sorted([mb(one['seen'][2 * k]), mb(one['seen'][2 * k + 1])]), f"step {k + 1}"
+        assert work(r0['seen'][k]) >= work(r1['seen'][k]), f"step {k + 1}: rank 0 got the lighter micro-batch"
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(r0['losses'], one['losses'])), (r0['losses'], one['losses'])
+    w1, w2 = load_file(out1/'adapter'/'adapter_model.safetensors'), load_file(out2/'adapter'/'adapter_model.safetensors')
+    for k in w1: assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-3), (k, (w1[k] - w2[k]).abs().max())
+    assert "dealt to the processes by their work" in (out2/'finetune.log').read_text(encoding='utf-8')
+
+    # resume at the start of the second epoch: the same micro-batches, the same adapter
+    shutil.rmtree(out2/'checkpoint-3'); shutil.rmtree(out2/'adapter'); (out2/'train_stats.json').unlink()
+    out3, (a0, a1), _ = run_worker(tmp_path, tiny, 2, again=True, **kw)
+    assert 'resuming from checkpoint-2 (step 2/3)' in (out3/'finetune.log').read_text(encoding='utf-8')
+    assert (mb(a0['seen'][0]), mb(a1['seen'][0])) == (mb(r0['seen'][2]), mb(r1['seen'][2]))
     w3 = load_file(out3/'adapter'/'adapter_model.safetensors')
     for k in w2: assert torch.allclose(w3[k], w2[k], atol=1e-6), (k, (w3[k] - w2[k]).abs().max())
