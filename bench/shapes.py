@@ -22,7 +22,7 @@ import bench as B  # noqa: E402
 
 
 def micro_batches(ds, tok, bucket):
-    "The mix workload's grouped micro-batches, padded as the collator pads them, in a seeded random order."
+    "The mix workload's grouped micro-batches, padded as the collator pads them, in a seeded random order (not dealt by work)."
     from taide_ft.training import PadCollator, group_rows
     groups = group_rows(ds, B.BATCH * B.SEQ, B.SEED, bucket)
     order = list(range(len(groups)))
@@ -40,6 +40,12 @@ def timed(model, batch, dev, sync):
     model(**b).loss.backward()
     sync()
     return time.perf_counter() - t, torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs
+
+
+def record(model, batch, dev, sync):
+    "One forward + backward: its shape, seconds and new graphs."
+    seconds, graphs = timed(model, batch, dev, sync)
+    return dict(shape=list(batch['input_ids'].shape), seconds=seconds, graphs=graphs)
 
 
 def profile_top(model, batch, dev, sync, n=12):
@@ -68,13 +74,13 @@ def worker(a):
     model.train()
     if a.rank is None:  # every micro-batch, twice
         for p in (1, 2):
-            res[f'pass{p}'] = [dict(shape=shape(b), **dict(zip(('seconds', 'graphs'), timed(model, b, dev, sync)))) for b in mbs]
+            res[f'pass{p}'] = [record(model, b, dev, sync) for b in mbs]
             model.zero_grad(set_to_none=True)
             save()
         seen = {tuple(shape(b)) for b in mbs}
         one = next(b for b in mbs if shape(b)[0] > 1)
         single = {k: v[:1] for k, v in one.items()}  # a micro-batch of one row at a length already run with more rows
-        res['probe_one_row'] = [dict(shape=shape(single), **dict(zip(('seconds', 'graphs'), timed(model, single, dev, sync)))) for _ in range(2)]
+        res['probe_one_row'] = [record(model, single, dev, sync) for _ in range(2)]
         from taide_ft.training import bucket_length
         fresh = next((n for n in range(64, B.SEQ, 8) if n not in {s[1] for s in seen} and n == bucket_length(n, a.bucket)), None)
         if fresh is None: res['status'] = 'ok'; return save()
@@ -87,7 +93,8 @@ def worker(a):
         per_step = []
         for s in range(steps):
             mine = mbs[s * B.ACCUM:(s + 1) * B.ACCUM][a.rank::a.world]
-            per_step.append(dict(shapes=[shape(b) for b in mine], **dict(zip(('seconds', 'graphs'), map(sum, zip(*[timed(model, b, dev, sync) for b in mine]))))))
+            runs = [record(model, b, dev, sync) for b in mine]
+            per_step.append(dict(shapes=[r['shape'] for r in runs], seconds=sum(r['seconds'] for r in runs), graphs=sum(r['graphs'] for r in runs)))
             model.zero_grad(set_to_none=True)
         res['steps'] = per_step
     res['status'] = 'ok'
