@@ -27,7 +27,7 @@ def micro_batches(ds, tok, bucket):
     groups = group_rows(ds, B.BATCH * B.SEQ, B.SEED, bucket)
     order = list(range(len(groups)))
     random.Random(B.SEED).shuffle(order)
-    coll = PadCollator(tok.pad_token_id, bucket)
+    coll = PadCollator(tok.pad_token_id, bucket, companion=True)  # as the trainer's collator on a GPU
     return [coll([groups[i]]) for i in order]
 
 

@@ -20,7 +20,7 @@ __all__ = ['log', 'bucket_length', 'PadCollator', 'checkpoint_complete', 'checkp
            'StepSampler', 'micro_batch_cost', 'per_process_accumulation', 'pack_rows', 'make_trainer', 'oom_advice',
            'TrainStats', 'train', 'save_adapter', 'PNGPath', 'plot_loss']
 
-# %% ../nbs/04_training.ipynb #de8ef312
+# %% ../nbs/04_training.ipynb #611b213d
 log = logging.getLogger('taide_ft.training')  # by name, not __name__, so that the notebook logs as the module does
 
 def bucket_length(n:int, multiple:int=8, cap:int|None=None) -> int:
@@ -36,10 +36,12 @@ class PadCollator:
     pad_token_id: int  # the tokenizer's pad token id
     bucket: int|None = None  # pad to `bucket_length(longest, bucket, cap)` (GPU: few distinct shapes); None pads to the longest row only
     cap: int|None = None  # `MAX_SEQ_LENGTH`: rounding up never pads past it
+    companion: bool = False  # give a batch of one row a one-token row without labels (GPU: a batch of one row compiles apart)
     def __call__(self, rows:list) -> dict:
         import torch
         if rows and rows[0]['input_ids'] and isinstance(rows[0]['input_ids'][0], (list, tuple)):  # groups from `group_rows`
             rows = [{'input_ids': i, 'labels': l} for r in rows for i, l in zip(r['input_ids'], r['labels'])]
+        if self.companion and len(rows) == 1: rows = rows + [{'input_ids': rows[0]['input_ids'][:1], 'labels': [-100]}]
         n = max(len(r['input_ids']) for r in rows)
         if self.bucket: n = bucket_length(n, self.bucket, self.cap)
         ids = torch.full((len(rows), n), self.pad_token_id, dtype=torch.long)
@@ -168,7 +170,7 @@ class TrainMonitor:
     def on_save(self, args, state, control, **kw):
         log.info(f"saved checkpoint-{state.global_step} (adapter, optimizer, scheduler)")
 
-# %% ../nbs/04_training.ipynb #4c306f7d
+# %% ../nbs/04_training.ipynb #dfdafe44
 def real_tokens(batch:dict):
     "Real (non-padding) tokens in a collated batch: the attention mask's ones, or a packed batch's tokens before its padded tail."
     mask = batch.get('attention_mask')
@@ -197,7 +199,8 @@ def _trainer_class(base):
         def train(self, *args, **kwargs):
             with _attention_for(self._taide_batches): return super().train(*args, **kwargs)
         def _get_train_sampler(self, *args, **kwargs):
-            return getattr(self, '_taide_sampler', None) or super()._get_train_sampler(*args, **kwargs)
+            sampler = getattr(self, '_taide_sampler', None)
+            return sampler if sampler is not None else super()._get_train_sampler(*args, **kwargs)
     return TaideTrainer
 
 @contextlib.contextmanager
@@ -219,7 +222,7 @@ def _progress_bar() -> bool:
     except OSError: parent = b''
     return b'papermill' not in parent and b'nbclient' not in parent
 
-# %% ../nbs/04_training.ipynb #2b82d101
+# %% ../nbs/04_training.ipynb #704b6905
 def batch_format(cfg:RunConfig, cuda:bool|None=None) -> str:
     "How rows form micro-batches: 'grouped', 'packed' or 'padded' (see the table above); `cuda` defaults to this machine's."
     p = cfg.train.packing
@@ -232,8 +235,7 @@ def group_rows(ds, # tokenized rows: `input_ids`, `labels` (and `length`)
                bucket:int=1, # the collator pads to `bucket_length(longest, bucket, cap)`; 1: to the longest row
                cap:int|None=None # `MAX_SEQ_LENGTH`
               ):
-    """Micro-batches of rows of similar length, each at most `budget` tokens once padded; one item a micro-batch.
-    With `bucket` > 1 (a GPU) a micro-batch of one row, among others of several, gets a second row of one token and no labels."""
+    "Micro-batches of rows of similar length, each at most `budget` tokens once padded; one item a micro-batch, with its `rows` and padded `length`."
     import random
     from datasets import Dataset
     lengths = ds['length'] if 'length' in ds.column_names else [len(x) for x in ds['input_ids']]
@@ -245,12 +247,7 @@ def group_rows(ds, # tokenized rows: `input_ids`, `labels` (and `length`)
         cur.append(i); last = padded
     if cur: groups.append(cur); padded_to.append(last)
     ids, labels = ds['input_ids'], ds['labels']
-    # a compiled GPU step specialises to a batch of one row: a first such micro-batch costs a compilation of its own
-    # (10 s for an 8B model), so a lone row gets company that adds no loss and one token
-    lone = bucket > 1 and max(map(len, groups)) > 1
-    extra = lambda g, row: [row] if lone and len(g) == 1 else []
-    return Dataset.from_dict({'input_ids': [[ids[i] for i in g] + extra(g, ids[g[0]][:1]) for g in groups],
-                              'labels': [[labels[i] for i in g] + extra(g, [-100]) for g in groups],
+    return Dataset.from_dict({'input_ids': [[ids[i] for i in g] for g in groups], 'labels': [[labels[i] for i in g] for g in groups],
                               'rows': [len(g) for g in groups], 'length': padded_to})
 
 class StepSampler:
@@ -315,7 +312,7 @@ def _check_rows(ds, cfg, name):
     if max(lengths) > cfg.model.max_seq_length:
         raise ValueError(f"the {name} data has a row of {max(lengths)} tokens, over [Model] MAX_SEQ_LENGTH = {cfg.model.max_seq_length}: build the data with the same config as training.")
 
-# %% ../nbs/04_training.ipynb #fc7fd8d4
+# %% ../nbs/04_training.ipynb #9512576f
 def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_LENGTH, OUTPUT_DIR
                  model, # from `add_lora`
                  tokenizer, # from `load_model`
@@ -335,6 +332,7 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
     t, cuda, dtype = cfg.train, has_cuda(), pick_dtype(cfg)
     gc, fmt, n_seq, b = checkpointing(cfg, backend, model), batch_format(cfg, cuda), cfg.model.max_seq_length, t.per_device_train_batch_size
     bucket = 8 if cuda else 1  # padded lengths (`bucket_length`): grouping and collator must agree
+    companion = cuda and b > 1  # batches of several rows: a batch of one would compile apart
     accum, world = per_process_accumulation(cfg)
     n, per_step = len(train_ds), b * t.gradient_accumulation_steps
     if fmt == 'packed':
@@ -342,6 +340,7 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
         log.info(f"batches: packed (PACKING = {t.packing}): {n} rows in {len(train_ds)} bins of at most {n_seq} tokens; a step is {per_step} bins")
     elif fmt == 'grouped':
         train_ds, b = group_rows(train_ds, b * n_seq, t.seed, bucket, n_seq), 1
+        companion = cuda and max(train_ds['rows']) > 1
         costs = [micro_batch_cost(r, n, model.config) for r, n in zip(train_ds['rows'], train_ds['length'])]
         sampler = StepSampler(costs, t.gradient_accumulation_steps, world, t.seed)
         log.info(f"batches: grouped (PACKING = {t.packing}): {n} rows in {len(train_ds)} micro-batches of rows of similar length, at most "
@@ -376,7 +375,7 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
     monitor = type('TrainMonitorCallback', (TrainMonitor, TrainerCallback), {})(t.max_steps, lambda: last_checkpoint(cfg.output_dir))
     trainer = _trainer_class(SFTTrainer)(model=model, args=SFTConfig(**kw),
                                          # None: TRL's packed collator (Unsloth's, on its backend)
-                                         data_collator=None if fmt == 'packed' else PadCollator(tokenizer.pad_token_id, bucket, n_seq),
+                                         data_collator=None if fmt == 'packed' else PadCollator(tokenizer.pad_token_id, bucket, n_seq, companion),
                                          train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, callbacks=[monitor])
     trainer._taide_plain_loss = not cuda
     trainer.remove_callback(PrinterCallback)  # it prints each log dict; the monitor's lines replace it

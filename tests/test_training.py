@@ -237,8 +237,8 @@ def test_packed_batches_give_the_padded_loss(tmp_path, tiny):
 
 
 def test_a_lone_rows_companion_changes_nothing(tiny):
-    """On a GPU a grouped micro-batch of one row, among larger ones, gets a one-token companion without labels (a batch
-    of one row would compile apart): the row's loss and gradients stay what they are alone."""
+    """On a GPU the collator gives a batch of one row, where others hold several, a one-token companion without labels
+    (a batch of one row would compile apart): the row's loss and gradients stay what they are alone."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -247,10 +247,11 @@ def test_a_lone_rows_companion_changes_nothing(tiny):
     rows = [list(range(10, 10 + n)) for n in (5, 6, 7, 30)]
     ds = Dataset.from_dict({'input_ids': rows, 'labels': [[-100] * 2 + r[2:] for r in rows]})
     g = group_rows(ds, 48, bucket=8)  # 3 rows padded to 8; the 30-token row (padded to 32) has no room beside another
-    assert [len(x) for x in g['input_ids']] == [3, 2] and g['rows'] == [3, 1] and g['labels'][1][1] == [-100]
-    together = PadCollator(0, 8)([g[1]])
-    alone = PadCollator(0)([{'input_ids': rows[3], 'labels': g['labels'][1][0]}])
+    assert g['rows'] == [3, 1] and g['length'] == [8, 32]
+    together = PadCollator(0, 8, companion=True)([g[1]])
+    alone = PadCollator(0)([g[1]])
     assert together['input_ids'].shape == (2, 32) and alone['input_ids'].shape == (1, 30)
+    assert together['labels'][1].eq(-100).all() and together['attention_mask'][1].sum() == 1
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32),
                            LoraConfig(r=4, target_modules=['q_proj', 'v_proj'], init_lora_weights=False))
