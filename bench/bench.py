@@ -452,6 +452,37 @@ def bare_loop(tr, steps):
     return dict(steps=n, seconds_per_step=round(secs / n, 4), tokens_per_s=round(int(real) / secs, 1), real_tokens=int(real))
 
 
+def profiled(a, setup, model, tok, wl):
+    """One more run of workload `wl` with steps warmup+1 .. warmup+a.profile traced (bench/step_profile.py): each process's summary,
+    and its trace in $TAIDE_FT_LOG_DIR/traces when small enough to keep. The profiler slows the CPU: its step times are its own."""
+    import torch
+    sys.path.insert(0, str(HERE))
+    import step_profile as T
+    rank = int(os.environ.get('RANK', 0))
+    if rank == 0: shutil.rmtree(a.out_root/f'{a.setup}-{wl}', ignore_errors=True)
+    tr = setup.trainer(model, tok, make_dataset(wl, a.warmup + a.steps), wl)
+    meter = Meter(tr, a.warmup, a.steps)
+    path = Path(tempfile.mkdtemp(prefix='taide-trace-'))/f"{a.setup}{'x' + os.environ['WORLD_SIZE'] if int(os.environ.get('WORLD_SIZE', 1)) > 1 else ''}-{wl}-rank{rank}.json.gz"
+    tr.add_callback(T.profile_callback(tr, a.warmup, a.profile, path))
+    tr.train()
+    r = meter.result()
+    try: summary = T.summarize(T.load(path))
+    except Exception as e: summary = dict(error=f"{type(e).__name__}: {e}")
+    summary['trace_mb'] = round(path.stat().st_size / 2**20, 1) if path.exists() else None
+    out = os.environ.get('TAIDE_FT_LOG_DIR')
+    if out and path.exists() and path.stat().st_size < 15 * 2**20:
+        (Path(out)/'traces').mkdir(parents=True, exist_ok=True); shutil.copy(path, Path(out)/'traces'/path.name)
+    import torch.distributed as td
+    every = [summary]
+    if td.is_available() and td.is_initialized():
+        every = [None] * td.get_world_size(); td.all_gather_object(every, summary)
+    r['profile'] = {f'rank{i}': x for i, x in enumerate(every)}
+    del tr, meter
+    gc.collect()
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
+    return r
+
+
 def worker(a):
     "Run one setup on every workload; write its figures to a.result after each workload."
     import torch
@@ -498,6 +529,9 @@ def worker(a):
         save()
         del tr, meter, out
         gc.collect()
+    for wl in a.workloads if a.profile else ():
+        res['workloads'][f'{wl}-profile'] = profiled(a, setup, model, tok, wl)
+        save()
     res['status'] = 'ok'
     save()
 
@@ -620,6 +654,12 @@ def print_table(report):
             b = w.get('bare_loop') or {}
             if b.get('tokens_per_s'): print(f"{key} {wl}: bare loop {b['tokens_per_s']:,.0f} tok/s ({b['seconds_per_step']} s a step) -> trainer overhead {100 * b['trainer_overhead']:.1f} %")
             elif b: print(f"{key} {wl}: bare loop {b.get('error')}")
+    for key, r in report.get('results', {}).items():
+        for wl, w in r.get('workloads', {}).items():
+            for rank, p in (w.get('profile') or {}).items():
+                m = p.get('mean')
+                print(f"{key} {wl} {rank}: " + (f"a step {m['wall_ms']} ms: GPU busy {m['gpu_busy_ms']}, idle {m['gpu_idle_ms']}, NCCL {m['nccl_ms']} "
+                      f"(profiled, {p['steps']} steps)" if m else str(p.get('error'))))
     for k, v in report.get('loss_agreement', {}).items(): print(f"loss {k}: " + ', '.join(f"{wl} max relative difference {x['max_rel_diff']:.2e} over {x['steps']} steps" for wl, x in v.items()))
 
 
@@ -631,7 +671,7 @@ def driver(a):
     log_dir = work/'logs'; log_dir.mkdir()
     max_steps = a.warmup + a.steps
     report = dict(date=stamp.isoformat(timespec='seconds'), versions=versions(),
-                  args=dict(setups=a.setups, workloads=a.workloads, gpus=a.gpus, warmup=a.warmup, steps=a.steps, bare_steps=a.bare_steps, passes=a.passes, budget_s=a.budget,
+                  args=dict(setups=a.setups, workloads=a.workloads, gpus=a.gpus, warmup=a.warmup, steps=a.steps, bare_steps=a.bare_steps, passes=a.passes, profile=a.profile, budget_s=a.budget,
                             smoke=a.smoke, model_dir=str(a.model_dir)),
                   recipe=dict(batch=BATCH, grad_accum=ACCUM, max_length=SEQ, lora=LORA, seed=SEED, optim='adamw_8bit',
                               learning_rate=2e-4),
@@ -666,7 +706,7 @@ def driver(a):
             m = re.fullmatch(r'(a[\w-]*)x(\d+)', key)
             if not m or m.group(1) not in res: continue
             q, loss = {}, {}
-            for wl in a.workloads:
+            for wl, _ in runs(a.workloads, a.passes):
                 x, y = res[key].get('workloads', {}).get(wl, {}), res[m.group(1)].get('workloads', {}).get(wl, {})
                 if x.get('tokens_per_s') and y.get('tokens_per_s'): q[wl] = round(x['tokens_per_s'] / y['tokens_per_s'], 3)
                 if x.get('losses') and y.get('losses'):
@@ -696,7 +736,7 @@ def driver(a):
 
     print(f"bench: setups {','.join(a.setups)}; workloads {','.join(a.workloads)}; {a.warmup} warm-up + {a.steps} measured steps; "
           f"budget {a.budget} s; model {a.model_dir}", flush=True)
-    common = ['--model-dir', str(a.model_dir), '--max-length', str(SEQ), '--warmup', str(a.warmup), '--steps', str(a.steps), '--bare-steps', str(a.bare_steps), '--passes', str(a.passes),
+    common = ['--model-dir', str(a.model_dir), '--max-length', str(SEQ), '--warmup', str(a.warmup), '--steps', str(a.steps), '--bare-steps', str(a.bare_steps), '--passes', str(a.passes), '--profile', str(a.profile),
               '--workloads', ','.join(a.workloads), '--out-root', str(a.out_root)] + (['--smoke'] if a.smoke else [])
     pres = work/'prepare.json'
     rc, secs, log = run_child('prepare', ['--_prepare'] + common, min(a.build_timeout, deadline - time.perf_counter()), log_dir, pres)
@@ -797,6 +837,9 @@ def parse(argv=None):
                    "optimizer and batches in a bare loop, and report the trainer's overhead against it (default 0: off)")
     p.add_argument('--passes', type=int, default=1, help="train each workload this many times in the same process; later passes "
                    "(reported as WORKLOAD-passN) meet batch shapes the first has already run (default 1)")
+    p.add_argument('--profile', type=int, default=0, help="after the passes, train each workload once more with the N steps after "
+                   "the warm-up traced by torch's profiler (bench/step_profile.py), reported as WORKLOAD-profile: where each step's time goes, "
+                   "per process (default 0: off)")
     p.add_argument('--_worker', dest='worker', help=argparse.SUPPRESS)
     p.add_argument('--_prepare', dest='prepare', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--result', help=argparse.SUPPRESS)
@@ -808,6 +851,7 @@ def parse(argv=None):
     bad = [s for s in a.setups if s not in SETUPS] + [w for w in a.workloads if w not in WORKLOADS]
     if bad: p.error(f"unknown setup or workload: {', '.join(bad)}")
     if a.warmup < 1 or a.steps < 1 or a.passes < 1: p.error("--warmup, --steps and --passes must be at least 1")
+    if not 0 <= a.profile <= a.steps: p.error("--profile N traces N of the measured steps: 0 to --steps")
     if a.model_dir is None: a.model_dir = Path('/dev/shm/llama-tiny-bench' if a.smoke else '/dev/shm/llama8b')
     if a.worker: a.setup = a.worker
     SEQ = a.max_length  # read at call time by the workload builders and the setups
