@@ -313,7 +313,25 @@ def _check_rows(ds, cfg, name):
     if max(lengths) > cfg.model.max_seq_length:
         raise ValueError(f"the {name} data has a row of {max(lengths)} tokens, over [Model] MAX_SEQ_LENGTH = {cfg.model.max_seq_length}: build the data with the same config as training.")
 
-# %% ../nbs/04_training.ipynb #55cd805c
+# %% ../nbs/04_training.ipynb #494b2e40
+# `SFTConfig` fields that config.ini sets: `args` may not contradict them (the batches and the sampler follow config.ini)
+_FROM_CONFIG = {**dict.fromkeys(['per_device_train_batch_size', 'per_device_eval_batch_size'], '[Training] PER_DEVICE_TRAIN_BATCH_SIZE'),
+                'gradient_accumulation_steps': '[Training] GRADIENT_ACCUMULATION_STEPS', 'learning_rate': '[Training] LEARNING_RATE',
+                'max_steps': '[Training] MAX_STEPS', 'warmup_steps': '[Training] WARMUP_STEPS', 'output_dir': '[Training] OUTPUT_DIR',
+                'logging_steps': '[Training] LOGGING_STEPS', **dict.fromkeys(['save_steps', 'save_strategy', 'eval_steps', 'eval_strategy'], '[Training] SAVE_STEPS'),
+                **dict.fromkeys(['seed', 'data_seed'], '[Training] SEED'), **dict.fromkeys(['packing', 'padding_free'], '[Training] PACKING'),
+                **dict.fromkeys(['gradient_checkpointing', 'activation_checkpointing'], '[Training] GRADIENT_CHECKPOINTING'),
+                'max_length': '[Model] MAX_SEQ_LENGTH', **dict.fromkeys(['bf16', 'fp16'], '[Hardware] AUTO_FP16_BF16')}
+
+def _check_args(args:dict, SFTConfig):
+    "Raise if `args` names a field `SFTConfig` lacks, or one that config.ini sets."
+    unknown = sorted(set(args) - set(SFTConfig.__dataclass_fields__))
+    if unknown: raise TypeError(f"make_trainer(args=...): {', '.join(map(repr, unknown))} {'is not a field' if len(unknown) == 1 else 'are not fields'} "
+                                f"of TRL's SFTConfig (trl {_version('trl')}); see `SFTConfig.__dataclass_fields__` for those it has.")
+    owned = sorted(k for k in args if k in _FROM_CONFIG)
+    if owned: raise ValueError(f"make_trainer(args=...): " + '; '.join(f"{k!r} comes from config.ini: set {_FROM_CONFIG[k]} there" for k in owned)
+                               + " (or pass it to load_config, e.g. load_config('config.ini', max_steps=60)).")
+
 def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_LENGTH, OUTPUT_DIR
                  model, # from `add_lora`
                  tokenizer, # from `load_model`
@@ -374,9 +392,7 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
         name = 'activation_checkpointing' if 'activation_checkpointing' in SFTConfig.__dataclass_fields__ else 'gradient_checkpointing'
         kw.update({name: bool(gc), f'{name}_kwargs': {'use_reentrant': False} if gc else None},
                   activation_offloading=cuda and t.gradient_checkpointing == 'offload')
-    unknown = sorted(set(args or {}) - set(SFTConfig.__dataclass_fields__))
-    if unknown: raise TypeError(f"make_trainer(args=...): {', '.join(map(repr, unknown))} {'is not a field' if len(unknown) == 1 else 'are not fields'} "
-                                f"of TRL's SFTConfig (trl {_version('trl')}); see `SFTConfig.__dataclass_fields__` for those it has.")
+    _check_args(args or {}, SFTConfig)
     kw.update(args or {})
     monitor = type('TrainMonitorCallback', (TrainMonitor, TrainerCallback), {})(t.max_steps, lambda: last_checkpoint(cfg.output_dir))
     trainer = _trainer_class(SFTTrainer)(model=model, args=SFTConfig(**kw),
