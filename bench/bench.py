@@ -452,35 +452,26 @@ def bare_loop(tr, steps):
     return dict(steps=n, seconds_per_step=round(secs / n, 4), tokens_per_s=round(int(real) / secs, 1), real_tokens=int(real))
 
 
-def profiled(a, setup, model, tok, wl):
-    """One more run of workload `wl` with steps warmup+1 .. warmup+a.profile traced (bench/step_profile.py): each process's summary,
-    and its trace in $TAIDE_FT_LOG_DIR/traces when small enough to keep. The profiler slows the CPU: its step times are its own."""
-    import torch
+def traced(a, tr, wl):
+    "Trace steps warmup+1 .. warmup+a.profile of trainer `tr` (bench/step_profile.py); returns a function that, after training, gives every process's summary."
     sys.path.insert(0, str(HERE))
     import step_profile as T
-    rank = int(os.environ.get('RANK', 0))
-    if rank == 0: shutil.rmtree(a.out_root/f'{a.setup}-{wl}', ignore_errors=True)
-    tr = setup.trainer(model, tok, make_dataset(wl, a.warmup + a.steps), wl)
-    meter = Meter(tr, a.warmup, a.steps)
-    path = Path(tempfile.mkdtemp(prefix='taide-trace-'))/f"{a.setup}{'x' + os.environ['WORLD_SIZE'] if int(os.environ.get('WORLD_SIZE', 1)) > 1 else ''}-{wl}-rank{rank}.json.gz"
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    path = Path(tempfile.mkdtemp(prefix='taide-trace-'))/f"{a.setup}{f'x{world}' if world > 1 else ''}-{wl}-rank{rank}.json.gz"
     tr.add_callback(T.profile_callback(tr, a.warmup, a.profile, path))
-    tr.train()
-    r = meter.result()
-    try: summary = T.summarize(T.load(path))
-    except Exception as e: summary = dict(error=f"{type(e).__name__}: {e}")
-    summary['trace_mb'] = round(path.stat().st_size / 2**20, 1) if path.exists() else None
-    out = os.environ.get('TAIDE_FT_LOG_DIR')
-    if out and path.exists() and path.stat().st_size < 15 * 2**20:
-        (Path(out)/'traces').mkdir(parents=True, exist_ok=True); shutil.copy(path, Path(out)/'traces'/path.name)
-    import torch.distributed as td
-    every = [summary]
-    if td.is_available() and td.is_initialized():
-        every = [None] * td.get_world_size(); td.all_gather_object(every, summary)
-    r['profile'] = {f'rank{i}': x for i, x in enumerate(every)}
-    del tr, meter
-    gc.collect()
-    if torch.cuda.is_available(): torch.cuda.empty_cache()
-    return r
+    def summaries():
+        try: summary = T.summarize(T.load(path))
+        except Exception as e: summary = dict(error=f"{type(e).__name__}: {e}")
+        summary['trace_mb'] = round(path.stat().st_size / 2**20, 1) if path.exists() else None
+        out = os.environ.get('TAIDE_FT_LOG_DIR')
+        if out and path.exists() and path.stat().st_size < 15 * 2**20:
+            (Path(out)/'traces').mkdir(parents=True, exist_ok=True); shutil.copy(path, Path(out)/'traces'/path.name)
+        import torch.distributed as td
+        every = [summary]
+        if td.is_available() and td.is_initialized():
+            every = [None] * td.get_world_size(); td.all_gather_object(every, summary)
+        return {f'rank{i}': x for i, x in enumerate(every)}
+    return summaries
 
 
 def worker(a):
@@ -500,7 +491,8 @@ def worker(a):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     res['trainable_params'] = trainable
     save()
-    for key, wl in runs(a.workloads, a.passes):
+    # after the timed passes, with --profile, one more run a workload with some steps traced (the profiler slows the CPU)
+    for key, wl in runs(a.workloads, a.passes) + [(f'{w}-profile', w) for w in a.workloads if a.profile]:
         ds = make_dataset(wl, a.warmup + a.steps)
         if int(os.environ.get('RANK', 0)) == 0: shutil.rmtree(a.out_root/f'{a.setup}-{wl}', ignore_errors=True)
         gc.collect()
@@ -508,15 +500,17 @@ def worker(a):
         t1 = time.perf_counter()
         tr = setup.trainer(model, tok, ds, wl)
         meter = Meter(tr, a.warmup, a.steps)
+        profiled = traced(a, tr, wl) if key.endswith('-profile') else None
         t2 = time.perf_counter()
         out = tr.train()
         r = meter.result()
+        if profiled: r['profile'] = profiled()
         r.update(build_trainer_seconds=round(t2 - t1, 1), train_seconds=round(time.perf_counter() - t2, 1),
                  trainer_info=getattr(setup, 'last', {}))
         r['first_step_seconds'] = r['step_seconds'][0] if r.get('step_seconds') else None
         losses = [h['loss'] for h in tr.state.log_history if 'loss' in h]
         r['losses'] = [round(x, 5) for x in losses]
-        if a.bare_steps and res['processes'] == 1 and r.get('tokens_per_s'):
+        if a.bare_steps and res['processes'] == 1 and r.get('tokens_per_s') and not profiled:
             try:
                 bare = bare_loop(tr, a.bare_steps)
                 if bare.get('tokens_per_s'): bare['trainer_overhead'] = round(bare['tokens_per_s'] / r['tokens_per_s'] - 1, 4)
@@ -529,9 +523,6 @@ def worker(a):
         save()
         del tr, meter, out
         gc.collect()
-    for wl in a.workloads if a.profile else ():
-        res['workloads'][f'{wl}-profile'] = profiled(a, setup, model, tok, wl)
-        save()
     res['status'] = 'ok'
     save()
 

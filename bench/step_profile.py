@@ -36,14 +36,6 @@ def annotate(trainer):
                              (trainer, 'compute_loss', 'forward'), (trainer.accelerator, 'backward', 'backward'),
                              (trainer.accelerator, 'clip_grad_norm_', 'clip'), (trainer, '_maybe_log_save_evaluate', 'log'),
                              (trainer.callback_handler, 'on_step_end', 'callbacks'), (trainer, 'data_collator', 'collate')):
-        if name == 'data_collator':
-            coll = trainer.data_collator
-            if coll is not None:
-                def collate(rows, _c=coll):
-                    from torch.profiler import record_function
-                    with record_function('collate'): return _c(rows)
-                trainer.data_collator = collate
-            continue
         _wrap(obj, name, label)
 
 
