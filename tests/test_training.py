@@ -75,6 +75,15 @@ def make_run(d, base, **kw):
     return d/'config.ini'
 
 
+def assert_same_grads(got, want, rel=1e-5):
+    """Each gradient equals the wanted one to `rel` of the latter's largest entry: float32 sums taken in another order
+    differ by about 1e-6 of that; packed rows without their own positions, by about the whole of it."""
+    assert got.keys() == want.keys() and len(want) > 0
+    for n in want:
+        err, scale = (got[n] - want[n]).abs().max().item(), want[n].abs().max().item()
+        assert err <= rel * scale, (n, err, scale)
+
+
 def loss_lines(out):
     return [l for l in (out/'finetune.log').read_text(encoding='utf-8').splitlines() if '| loss ' in l]
 
@@ -213,8 +222,9 @@ def test_packed_batches_give_the_padded_loss(tmp_path, tiny):
         model, tok = load_model(cfg)
         torch.manual_seed(0)
         model = add_lora(model, cfg)
-        for n, p in model.named_parameters():  # LoRA B starts at zero: give it values so that its gradient is not trivial
-            if 'lora_B' in n: p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(hash(n) % 2**31))
+        g = torch.Generator().manual_seed(1)  # LoRA B starts at zero: give it values so that its gradient is not trivial
+        for n, p in model.named_parameters():
+            if 'lora_B' in n: p.data.normal_(0, 0.05, generator=g)
         tr = make_trainer(cfg, model, tok, build_dataset(cfg, tok))
         assert tr._taide_batches == {'on': 'packed', 'group': 'grouped', 'off': 'padded'}[mode]
         batch = tr.data_collator(list(tr.train_dataset))
@@ -229,11 +239,8 @@ def test_packed_batches_give_the_padded_loss(tmp_path, tiny):
     assert sorted(map(tuple, grouped['input_ids'].tolist())) == sorted(map(tuple, padded['input_ids'].tolist()))  # the rows, regrouped
     assert int((packed['labels'] != -100).sum()) == int((padded['labels'][:, 1:] != -100).sum())  # the same answer tokens
     assert abs(lp - lq) < 1e-5 * abs(lq), (lp, lq)
-    assert gp.keys() == gq.keys() and len(gp) > 0
     assert abs(lg - lq) < 1e-5 * abs(lq), (lg, lq)
-    for n in gp:
-        assert torch.allclose(gp[n], gq[n], rtol=1e-4, atol=1e-7), (n, (gp[n] - gq[n]).abs().max())
-        assert torch.allclose(gg[n], gq[n], rtol=1e-4, atol=1e-7), (n, (gg[n] - gq[n]).abs().max())
+    assert_same_grads(gp, gq); assert_same_grads(gg, gq)
 
 
 def test_a_lone_rows_companion_changes_nothing(tiny):
@@ -263,5 +270,5 @@ def test_a_lone_rows_companion_changes_nothing(tiny):
         res.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (l2, g2), (l1, g1) = res
     assert abs(l2 - l1) < 1e-5 * abs(l1), (l2, l1)
-    assert g2.keys() == g1.keys() and len(g1) == 8  # q and v of 2 layers, A and B
-    for n in g1: assert torch.allclose(g2[n], g1[n], rtol=1e-4, atol=1e-7), (n, (g2[n] - g1[n]).abs().max())
+    assert len(g1) == 8  # q and v of 2 layers, A and B
+    assert_same_grads(g2, g1)
