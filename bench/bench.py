@@ -454,8 +454,7 @@ def bare_loop(tr, steps):
 
 def traced(a, tr, wl):
     "Trace steps warmup+1 .. warmup+a.profile of trainer `tr` (bench/step_profile.py); returns a function that, after training, gives every process's summary."
-    sys.path.insert(0, str(HERE))
-    import step_profile as T
+    import step_profile as T  # beside this file, on the path of a script run from here
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     path = Path(tempfile.mkdtemp(prefix='taide-trace-'))/f"{a.setup}{f'x{world}' if world > 1 else ''}-{wl}-rank{rank}.json.gz"
     tr.add_callback(T.profile_callback(tr, a.warmup, a.profile, path))

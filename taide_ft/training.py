@@ -184,7 +184,7 @@ def real_tokens(batch:dict):
 
 def _trainer_class(base):
     class TaideTrainer(base):
-        _taide_tokens, _taide_loss, _taide_plain_loss, _taide_batches = 0, None, False, 'padded'
+        _taide_tokens, _taide_loss, _taide_plain_loss, _taide_batches, _taide_sampler = 0, None, False, 'padded', None
         def compute_loss(self, model, inputs, *args, **kwargs):
             if not self._taide_plain_loss: return super().compute_loss(model, inputs, *args, **kwargs)
             from transformers import Trainer
@@ -200,8 +200,8 @@ def _trainer_class(base):
         def train(self, *args, **kwargs):
             with _attention_for(self._taide_batches): return super().train(*args, **kwargs)
         def _get_train_sampler(self, *args, **kwargs):
-            sampler = getattr(self, '_taide_sampler', None)
-            return sampler if sampler is not None else super()._get_train_sampler(*args, **kwargs)
+            if self._taide_sampler is not None: return self._taide_sampler  # grouped micro-batches, dealt by `StepSampler`
+            return super()._get_train_sampler(*args, **kwargs)
     return TaideTrainer
 
 @contextlib.contextmanager
@@ -361,7 +361,7 @@ def make_trainer(cfg:RunConfig, # the run's configuration: [Training], MAX_SEQ_L
     elif fmt == 'grouped':
         train_ds, b = group_rows(train_ds, b * n_seq, t.seed, bucket, n_seq), 1
         companion = cuda and max(train_ds['rows']) > 1
-        costs = [micro_batch_cost(r, n, model.config) for r, n in zip(train_ds['rows'], train_ds['length'])]
+        costs = [micro_batch_cost(rows, length, model.config) for rows, length in zip(train_ds['rows'], train_ds['length'])]
         sampler = StepSampler(costs, t.gradient_accumulation_steps, world, t.seed)
         log.info(f"batches: grouped (PACKING = {t.packing}): {n} rows in {len(train_ds)} micro-batches of rows of similar length, at most "
                  f"{t.per_device_train_batch_size} x {n_seq} tokens each; a step is {t.gradient_accumulation_steps} micro-batches, about "
