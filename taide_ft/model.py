@@ -4,76 +4,43 @@
 
 # %% ../nbs/03_model.ipynb #abdd2f5f
 from __future__ import annotations
-import contextlib, hashlib, logging, os
-from importlib import util as _imp
+import logging, sys
 from pathlib import Path
-from .config import RunConfig, atomic_path
-from .environment import dist_env, dist_init, has_cuda, model_source, pick_backend, pick_dtype, tune_cpu_memory, use_4bit
+from .config import RunConfig
+from .environment import ModelError, Plan, base_folder, context_problem, dist_init, quiet, tune_cpu_memory
 
 # %% auto #0
-__all__ = ['log', 'ACT_BYTES', 'FREE_SHARE', 'ModelError', 'hf_token', 'import_backend', 'model_config', 'check_seq_length',
-           'set_pad_token', 'activation_gib', 'choose_checkpointing', 'gguf_to_folder', 'checkpointing', 'load_model',
-           'linear_module_names', 'check_target_modules', 'add_lora']
+__all__ = ['log', 'import_backend', 'set_pad_token', 'load_model', 'linear_module_names', 'check_target_modules', 'add_lora']
 
 # %% ../nbs/03_model.ipynb #1463fa81
 log = logging.getLogger('taide_ft.model')  # by name, not __name__, so that the notebook logs as the module does
 
-class ModelError(ValueError):
-    "A base model, tokenizer or LoRA setting that cannot work here, with what to do."
-    def _render_traceback_(self): return [f"ModelError: {self}"]
-
-def hf_token() -> str|None:
-    "The Hugging Face token from `HF_TOKEN`, else None (the hub library then uses `hf auth login`). Never logged."
-    return os.environ.get('HF_TOKEN') or None
-
-def import_backend(cfg:RunConfig) -> str:
-    "Pick the backend for `cfg` and, for Unsloth, import it now so that it patches transformers before they load."
-    backend = pick_backend(cfg)
-    if backend == 'unsloth':
-        import sys
+def import_backend(plan:Plan) -> str:
+    "Import the plan's backend now: Unsloth must patch transformers, PEFT and TRL before they load."
+    if plan.backend == 'unsloth':
         late = [m for m in ('transformers', 'peft', 'trl') if m in sys.modules and 'unsloth' not in sys.modules]
         if late: log.warning(f"{', '.join(late)} imported before Unsloth: some of Unsloth's speed-ups may be missing. Call `load_model` (or `import_backend`) first in a fresh process.")
+        _varlen_takes_gqa()
         import unsloth  # noqa: F401  (must come before trl/peft model code on this path)
-    return backend
+    return plan.backend
 
-# %% ../nbs/03_model.ipynb #aafadf04
-def _source(cfg:RunConfig):
-    "(name or folder for `from_pretrained`, extra keyword arguments) for `BASE_MODEL_NAME`."
-    name = cfg.model.base_model_name
-    kind, where = model_source(name)
-    if kind == 'missing':
-        raise ModelError(f"[Model] BASE_MODEL_NAME = {name}: {where}. Give a hub id (e.g. taide/Llama-3.1-TAIDE-LX-8B-Chat), a model folder with config.json, or a .gguf file.")
-    kw = dict(trust_remote_code=cfg.model.trust_remote_code)
-    if kind == 'gguf': return str(Path(where).parent), dict(kw, gguf_file=Path(where).name)
-    return (where if kind == 'folder' else name), dict(kw, token=hf_token())
-
-def _hub_errors(name, fn, *args, **kwargs):
-    "Call `fn`, turning the hub's access and not-found errors into one clear `ModelError`."
-    try: return fn(*args, **kwargs)
-    except OSError as e:
-        msg = str(e)
-        if any(s in msg.lower() for s in ('gated', '401', '403', 'access to model')):
-            raise ModelError(f"[Model] BASE_MODEL_NAME = {name} is gated or private: accept its licence at https://huggingface.co/{name} and set HF_TOKEN (or run `hf auth login`).") from e
-        if isinstance(e, FileNotFoundError) or 'does not appear to have' in msg or 'not a valid model identifier' in msg or 'offline' in msg.lower() or 'connect' in msg.lower():
-            raise ModelError(f"[Model] BASE_MODEL_NAME = {name}: cannot load it ({msg.splitlines()[0][:200]}). Check the name and the network, or download it first with `hf download {name}` and point BASE_MODEL_NAME at the folder.") from e
-        raise
-
-def model_config(cfg:RunConfig):
-    "The base model's transformers config (reads only `config.json` or the GGUF header)."
-    from transformers import AutoConfig
-    name, kw = _source(cfg)
-    return _hub_errors(cfg.model.base_model_name, AutoConfig.from_pretrained, name, **kw)
+# %% ../nbs/03_model.ipynb #5f2b8d1c
+def _varlen_takes_gqa():
+    "Give torch's `varlen_attn` an `enable_gqa` argument where it lacks one (PyTorch 2.11), so that Unsloth uses it."
+    import functools, inspect
+    try: import torch.nn.attention.varlen as vl
+    except ImportError: return
+    f = vl.varlen_attn
+    if 'enable_gqa' in inspect.signature(f).parameters: return
+    @functools.wraps(f)
+    def varlen_attn(query, key, value, *args, enable_gqa=False, **kwargs):
+        if query.size(-2) != key.size(-2) and not enable_gqa: raise ValueError("varlen_attn: grouped key/value heads need enable_gqa=True")
+        return f(query, key, value, *args, **kwargs)
+    varlen_attn.__signature__ = inspect.signature(f).replace(parameters=[*inspect.signature(f).parameters.values(),
+                                     inspect.Parameter('enable_gqa', inspect.Parameter.KEYWORD_ONLY, default=False)])
+    vl.varlen_attn = varlen_attn
 
 # %% ../nbs/03_model.ipynb #edda9968
-def check_seq_length(cfg:RunConfig, config) -> int:
-    "The model's context length; raises `ModelError` when `MAX_SEQ_LENGTH` exceeds it."
-    text = config.get_text_config() if hasattr(config, 'get_text_config') else config
-    limit = getattr(text, 'max_position_embeddings', None)
-    n = cfg.model.max_seq_length
-    if limit and n > limit:
-        raise ModelError(f"[Model] MAX_SEQ_LENGTH = {n} is more than {cfg.model.base_model_name} handles (max_position_embeddings = {limit}). Set MAX_SEQ_LENGTH to {limit} or less.")
-    return limit
-
 _PAD_CANDIDATES = ('<|finetune_right_pad_id|>', '<|reserved_special_token_0|>', '<pad>', '<|pad|>')
 
 def set_pad_token(tokenizer, model=None) -> str|None:
@@ -90,136 +57,55 @@ def set_pad_token(tokenizer, model=None) -> str|None:
             if c is not None: c.pad_token_id = tokenizer.pad_token_id
     return pad
 
-# %% ../nbs/03_model.ipynb #02232654
-ACT_BYTES = 26  # activation bytes per token x layer x hidden unit without checkpointing (bf16, measured above)
-FREE_SHARE = 0.8  # activations must fit in this share of the free GPU memory
-
-def activation_gib(tokens:int, layers:int, hidden:int) -> float:
-    "Estimated activation memory (GiB) of one micro-batch of `tokens` without gradient checkpointing."
-    return tokens * layers * hidden * ACT_BYTES / 2**30
-
-def choose_checkpointing(mode:str, # GRADIENT_CHECKPOINTING: auto, on, off or offload
-                         backend:str, # unsloth or transformers
-                         cuda:bool, # training on a CUDA GPU
-                         act_gib:float=0.0, # activation estimate of one micro-batch (GiB)
-                         free_gib:float=0.0 # GPU memory free with the weights loaded (GiB)
-                        ) -> tuple:
-    "(choice, why): 'unsloth', True or False for `mode`, with the reason in words."
-    if mode == 'off': return False, 'GRADIENT_CHECKPOINTING = off'
-    if mode == 'on': return True, 'GRADIENT_CHECKPOINTING = on'
-    if mode == 'offload': return ('unsloth' if backend == 'unsloth' else True), 'GRADIENT_CHECKPOINTING = offload'
-    if not cuda: return False, 'auto: no GPU'
-    fits = act_gib < FREE_SHARE * free_gib
-    why = (f"auto: activations ~{act_gib:.1f} GiB {'fit' if fits else 'do not fit'} in {FREE_SHARE:.0%} of "
-           f"{free_gib:.1f} GiB free GPU memory")
-    return (False if fits else ('unsloth' if backend == 'unsloth' else True)), why
-def gguf_to_folder(path:str|Path, # a .gguf model file
-                   cache:str|Path|None=None # where converted folders live; default ~/.cache/taide_ft/gguf
-                  ) -> Path:
-    "Dequantize a GGUF once into a bf16 model folder (cached by path, size and time), for loaders that need one."
-    p = Path(path).resolve(); f = p.stat()
-    key = hashlib.sha1(f"{p}|{f.st_size}|{f.st_mtime_ns}".encode()).hexdigest()[:12]
-    dest = Path(cache or Path.home()/'.cache'/'taide_ft'/'gguf')/f"{p.stem}-{key}"
-    st = dist_init()  # several processes: rank 0 converts, the others wait for its folder
-    with (st.main_process_first() if st is not None else contextlib.nullcontext()):
-        if (st is None or st.is_main_process) and not (dest/'config.json').is_file(): _dequantize(p, dest)
-    return dest
-
-def _dequantize(p, dest):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    log.info(f"dequantizing {p.name} into {dest} (once: Unsloth and bitsandbytes load model folders, not GGUF files)")
-    model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.bfloat16)
-    _unquantize(model)
-    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-    with atomic_path(dest, is_dir=True) as tmp:
-        model.save_pretrained(tmp); tok.save_pretrained(tmp)
-    return dest
-
-def _unquantize(model):
-    "A GGUF loads dequantized but still flagged as quantized; clear the flag so it trains and saves as a plain model."
-    q = getattr(model, 'hf_quantizer', None)
-    if q is not None and hasattr(q, 'remove_quantization_config'): q.remove_quantization_config(model)
-    model.is_quantized = False
-
-# %% ../nbs/03_model.ipynb #211bab32
-def _weights_gib(model) -> float:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-
-def checkpointing(cfg:RunConfig, backend:str|None=None, model=None):
-    "Gradient checkpointing for `cfg` (and the loaded `model`): 'unsloth', True or False; decided once and logged."
-    done = getattr(model, '_taide_ft_checkpointing', None) if model is not None else None
-    if done is not None: return done
-    backend, cuda = backend or pick_backend(cfg), has_cuda()
-    t, act, free, extra = cfg.train, 0.0, 0.0, ''
-    if cuda and t.gradient_checkpointing == 'auto':
-        import torch
-        text = (model.config if model is not None else model_config(cfg))
-        text = text.get_text_config() if hasattr(text, 'get_text_config') else text
-        tokens = t.per_device_train_batch_size * cfg.model.max_seq_length
-        act = activation_gib(tokens, text.num_hidden_layers, text.hidden_size)
-        free = torch.cuda.mem_get_info()[0] / 2**30
-        extra = (f" ({t.per_device_train_batch_size} x {cfg.model.max_seq_length} tokens x {text.num_hidden_layers} layers x hidden "
-                 f"{text.hidden_size} x {ACT_BYTES} bytes; weights {_weights_gib(model) if model is not None else float('nan'):.1f} GiB loaded)")
-    choice, why = choose_checkpointing(t.gradient_checkpointing, backend, cuda, act, free)
-    name = {False: 'off', True: 'on (standard)', 'unsloth': "on (Unsloth's, offloaded to CPU memory)"}[choice]
-    log.info(f"gradient checkpointing {name}: {why}{extra}")
-    if model is not None: model._taide_ft_checkpointing = choice
-    return choice
-
 # %% ../nbs/03_model.ipynb #6b6de174
-def _load_transformers(cfg:RunConfig):
+def _load_transformers(cfg:RunConfig, plan:Plan, folder:Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    name, kw = _source(cfg)
-    dtype, q4 = pick_dtype(cfg), use_4bit(cfg)
-    if q4 and 'gguf_file' in kw:
-        name, kw = str(gguf_to_folder(Path(name)/kw['gguf_file'])), dict(trust_remote_code=cfg.model.trust_remote_code)
-    mkw = dict(kw, dtype=dtype)
-    if has_cuda(): mkw['device_map'] = {'': torch.cuda.current_device()}
-    if q4:
-        if _imp.find_spec('bitsandbytes') is None:
-            raise ModelError("[Quantization] LOAD_IN_4BIT = true needs bitsandbytes on the transformers backend: run `pip install bitsandbytes`, or set LOAD_IN_4BIT = false.")
+    kw = dict(trust_remote_code=cfg.model.trust_remote_code)
+    mkw = dict(kw, dtype=plan.torch_dtype)
+    if plan.device == 'cuda': mkw['device_map'] = {'': torch.cuda.current_device()}
+    if plan.load_in_4bit:
         from transformers import BitsAndBytesConfig
         mkw['quantization_config'] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4',
-                                                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    src = cfg.model.base_model_name
-    tok = _hub_errors(src, AutoTokenizer.from_pretrained, name, **kw)
-    model = _hub_errors(src, AutoModelForCausalLM.from_pretrained, name, **mkw)
-    if 'gguf_file' in kw: _unquantize(model)
-    if q4:
+                                                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=plan.torch_dtype)
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
+    model = AutoModelForCausalLM.from_pretrained(folder, **mkw)
+    if plan.load_in_4bit:
         from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(checkpointing(cfg, 'transformers', model)))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(plan.checkpointing))
     return model, tok
 
 # %% ../nbs/03_model.ipynb #ed160f46
-def _load_unsloth(cfg:RunConfig):
+def _load_unsloth(cfg:RunConfig, plan:Plan, folder:Path):
     import torch
     from unsloth import FastLanguageModel
-    name, kw = _source(cfg)
-    if 'gguf_file' in kw: name = str(gguf_to_folder(Path(name)/kw['gguf_file']))
-    extra = {'device_map': {'': torch.cuda.current_device()}} if dist_env()[2] > 1 else {}  # this process's GPU
-    return _hub_errors(cfg.model.base_model_name, FastLanguageModel.from_pretrained,
-                       model_name=name, max_seq_length=cfg.model.max_seq_length, dtype=pick_dtype(cfg),
-                       load_in_4bit=use_4bit(cfg), token=hf_token(), trust_remote_code=cfg.model.trust_remote_code, **extra)
+    extra = {'device_map': {'': torch.cuda.current_device()}} if plan.processes > 1 else {}  # this process's GPU
+    return FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=cfg.model.max_seq_length, dtype=plan.torch_dtype,
+                                             load_in_4bit=plan.load_in_4bit, trust_remote_code=cfg.model.trust_remote_code, **extra)
 
 # %% ../nbs/03_model.ipynb #201836f7
-def load_model(cfg:RunConfig):
-    "Load `BASE_MODEL_NAME` and its tokenizer for training with the backend `cfg` picks; returns `(model, tokenizer)`."
-    backend = import_backend(cfg)
+def load_model(cfg:RunConfig, # MAX_SEQ_LENGTH and TRUST_REMOTE_CODE
+               plan:Plan # from `make_plan`: backend, precision, 4-bit, checkpointing, the base model
+              ) -> tuple:
+    "Load the base model and its tokenizer for training as `plan` says; returns `(model, tokenizer)`."
+    import_backend(plan)
     dist_init()  # under torchrun: join the process group, pin this process to its GPU
-    if not has_cuda(): tune_cpu_memory()
-    check_seq_length(cfg, model_config(cfg))
-    try: model, tok = (_load_unsloth if backend == 'unsloth' else _load_transformers)(cfg)
-    except RuntimeError as e:
-        if 'out of memory' not in str(e).lower(): raise
-        raise ModelError(f"the GPU ran out of memory loading {cfg.model.base_model_name}: set [Quantization] LOAD_IN_4BIT = true (now {str(cfg.quant.load_in_4bit).lower()}), or use a GPU with more memory.") from e
+    if plan.device == 'cpu': tune_cpu_memory()
+    if (why := context_problem(cfg, plan.base)): raise ModelError(why)
+    folder = base_folder(plan.base)
+    try:
+        with quiet(): model, tok = (_load_unsloth if plan.backend == 'unsloth' else _load_transformers)(cfg, plan, folder)
+    except ModelError: raise
+    except Exception as e:  # out of memory, or files that do not load
+        if 'out of memory' in str(e).lower():
+            raise ModelError(f"the GPU ran out of memory loading {cfg.model.base_model_name}: set [Quantization] LOAD_IN_4BIT = true (now {str(cfg.quant.load_in_4bit).lower()}), or use a GPU with more memory.") from e
+        raise ModelError(f"[Model] BASE_MODEL_NAME = {cfg.model.base_model_name}: the model in {folder} does not load ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:300]}). Check that its files are complete (download them again), or choose another model.") from e
     set_pad_token(tok, model)
-    model._taide_ft_backend = backend
     # 4-bit weights are stored two to a byte, so count their elements twice
     n = sum(p.numel() * (2 if type(p).__name__ == 'Params4bit' else 1) for p in model.parameters())
-    log.info(f"loaded {cfg.model.base_model_name} with {backend}: {n/1e6:,.1f} M parameters, "
-             f"{str(pick_dtype(cfg)).replace('torch.', '')}{', 4-bit base' if use_4bit(cfg) else ''}, on {model.device}")
+    log.info(f"loaded {cfg.model.base_model_name} with {plan.backend}: {n/1e6:,.1f} M parameters, "
+             f"{plan.dtype}{', 4-bit base' if plan.load_in_4bit else ''}, on {model.device}")
     return model, tok
 
 # %% ../nbs/03_model.ipynb #ff68373f
@@ -242,16 +128,26 @@ def check_target_modules(model, targets:list) -> list:
     return list(targets)
 
 # %% ../nbs/03_model.ipynb #90f04d9d
-def add_lora(model, cfg:RunConfig):
-    "Attach LoRA adapters from `[LoRA]` to `model` (loaded by `load_model`); logs trainable and total parameters."
+def add_lora(model, # from `load_model`
+             cfg:RunConfig, # [LoRA], and SEED for the adapters' starting values
+             plan:Plan # backend and gradient checkpointing
+            ):
+    "Attach LoRA adapters from `[LoRA]` to `model`; logs trainable and total parameters."
     if hasattr(model, 'peft_config'): raise ModelError("this model already has LoRA adapters; load the base again with `load_model` before `add_lora`.")
-    lc, backend = cfg.lora, getattr(model, '_taide_ft_backend', None) or pick_backend(cfg)
+    lc = cfg.lora
     targets = check_target_modules(model, lc.target_modules)
-    gc = checkpointing(cfg, backend, model)
-    if backend == 'unsloth':
+    with quiet(): model = _with_lora(model, cfg, plan, targets)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(f"LoRA r={lc.r} alpha={lc.lora_alpha} dropout={lc.lora_dropout:g} on {', '.join(targets)}: "
+             f"{trainable:,} trainable of {total:,} parameters ({100*trainable/total:.3f}%)")
+    return model
+
+def _with_lora(model, cfg, plan, targets):
+    lc = cfg.lora
+    if plan.backend == 'unsloth':
         from unsloth import FastLanguageModel
         model = FastLanguageModel.get_peft_model(model, r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout,
-                    bias=lc.bias, target_modules=targets, use_gradient_checkpointing=gc,
+                    bias=lc.bias, target_modules=targets, use_gradient_checkpointing=plan.checkpointing,
                     random_state=cfg.train.seed)
     else:
         import torch
@@ -259,8 +155,4 @@ def add_lora(model, cfg:RunConfig):
         torch.manual_seed(cfg.train.seed)  # LoRA's A matrices start random: same seed, same start
         model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout,
                                                  bias=lc.bias, target_modules=targets, task_type='CAUSAL_LM'))
-    model._taide_ft_backend, model._taide_ft_checkpointing = backend, gc
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info(f"LoRA r={lc.r} alpha={lc.lora_alpha} dropout={lc.lora_dropout:g} on {', '.join(targets)}: "
-             f"{trainable:,} trainable of {total:,} parameters ({100*trainable/total:.3f}%)")
     return model
