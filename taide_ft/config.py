@@ -39,7 +39,8 @@ class DataConfig:
     train_on_responses_only: bool = True  # loss on assistant tokens only
     skip_bad_rows: bool = False  # skip invalid rows (saved to OUTPUT_DIR/rejected.jsonl) instead of stopping
     long_rows: str = 'truncate'  # rows over MAX_SEQ_LENGTH: truncate the answer's tail, or drop
-    eval_split: float = 0.0  # share of rows held out for eval loss, in [0, 0.5]
+    eval: bool = True  # evaluate: eval loss before and after training, and answers before and after on the eval rows
+    eval_split: float|str = 'auto'  # share of rows held out for evaluation, in [0, 0.5]; auto: 5 %, at least 8 and at most 100
     eval_file: Path|None = None  # separate JSON Lines eval file; overrides EVAL_SPLIT
 
 @dataclass
@@ -106,6 +107,11 @@ def _choice(*allowed):
         return s
     return parse
 
+def _auto_or(parse):
+    "A parser that also takes `auto`."
+    def p(v): return 'auto' if str(v).strip().lower() == 'auto' else parse(v)
+    return p
+
 def _text(v): return str(v).strip()
 def _nonempty(v):
     s = str(v).strip()
@@ -161,7 +167,8 @@ KEYS = [Key(*k) for k in [
     ('Dataset', 'TRAIN_ON_RESPONSES_ONLY', 'data', 'train_on_responses_only', _bool, 'true/false'),
     ('Dataset', 'SKIP_BAD_ROWS', 'data', 'skip_bad_rows', _bool, 'true/false'),
     ('Dataset', 'LONG_ROWS', 'data', 'long_rows', _choice('truncate', 'drop'), 'truncate, drop'),
-    ('Dataset', 'EVAL_SPLIT', 'data', 'eval_split', _float(0, 0.5), 'float in [0, 0.5]'),
+    ('Dataset', 'EVAL', 'data', 'eval', _bool, 'true/false'),
+    ('Dataset', 'EVAL_SPLIT', 'data', 'eval_split', _auto_or(_float(0, 0.5)), 'auto, or float in [0, 0.5]'),
     ('Dataset', 'EVAL_FILE', 'data', 'eval_file', _opt_path, 'path to a .jsonl file, or empty'),
     ('Training', 'PER_DEVICE_TRAIN_BATCH_SIZE', 'train', 'per_device_train_batch_size', _int(1), 'int ≥ 1'),
     ('Training', 'GRADIENT_ACCUMULATION_STEPS', 'train', 'gradient_accumulation_steps', _int(1), 'int ≥ 1'),
@@ -254,28 +261,28 @@ class RunConfig:
 _FIELD_TO_KEY = {k.field: k.name for k in KEYS}
 
 def _read_ini(path, problems):
-    "Parse `path` into {(section, KEY): text}, adding malformed-file and unknown-name problems."
+    "Parse `path` into {KEY: text}, adding unknown-name problems; None (with the problem) when the file cannot be read."
     cp = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=('#', ';'), strict=True,
                                    empty_lines_in_values=False)
-    cp.optionxform = str
+    cp.optionxform = str.upper  # keys are case-insensitive: `max_steps` after `MAX_STEPS` is the same key twice
     name = Path(path).name
     try:
         text = Path(path).read_text(encoding='utf-8-sig')
         cp.read_string(text, source=str(path))
     except configparser.MissingSectionHeaderError as e:
         problems.append(f"{name} line {e.lineno}: `{e.line.strip()}` comes before any [Section] header. Start the file with a section such as [Model].")
-        return {}
+        return None
     except configparser.ParsingError as e:
         for lineno, _ in e.errors:
             problems.append(f"{name} line {lineno}: cannot read `{text.splitlines()[lineno-1].strip()}`. Write `KEY = value` under a [Section] header.")
-        return {}
+        return None
     except (configparser.DuplicateSectionError, configparser.DuplicateOptionError) as e:
         what = f"key `{e.option}` in [{e.section}]" if isinstance(e, configparser.DuplicateOptionError) else f"section [{e.section}]"
         problems.append(f"{name} line {e.lineno}: {what} appears twice. Keep one.")
-        return {}
+        return None
     except UnicodeDecodeError as e:
         problems.append(f"{name}: not UTF-8 text ({e.reason} at byte {e.start}). Save it as UTF-8.")
-        return {}
+        return None
     out = {}
     for sec in cp.sections():
         canon = next((s for s in SECTIONS if s.lower() == sec.lower()), None)
@@ -289,6 +296,7 @@ def _read_ini(path, problems):
                 problems.append(f"{name}: unknown key `{key}` in [{canon}]{_nearest(key, [x.name for x in KEYS])}. Keys of [{canon}]: {', '.join(here)}.")
             elif k.section != canon:
                 problems.append(f"{name}: key `{key}` belongs in [{k.section}], not [{canon}]. Move it.")
+            elif k.name in out: problems.append(f"{name}: key `{k.name}` appears twice (also in another [{canon}] section). Keep one.")
             else: out[k.name] = val
     return out
 
@@ -355,7 +363,9 @@ def load_config(path:str|Path|None='config.ini', # config.ini to read; None for 
         path = Path(path)
         if not path.is_file():
             raise ConfigError([f"config file `{path}` not found. Copy the project's config.ini there, or pass the right --config path."], path)
-        for name, v in _read_ini(path, problems).items(): values[name], sources[name] = v, path.name
+        read = _read_ini(path, problems)
+        if read is None: check_files = False  # the values would be defaults: their files say nothing about this config
+        for name, v in (read or {}).items(): values[name], sources[name] = v, path.name
     root = path.resolve().parent if path is not None else Path.cwd()
     layers = [(kwargs, 'python'), ({k: v for k, v in (params or {}).items() if v is not None}, 'papermill'),
               (_parse_sets(sets, problems), '--set')]

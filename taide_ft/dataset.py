@@ -8,18 +8,18 @@ import codecs, json, logging, random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from .config import RunConfig, TAIDE_SYSTEM_PROMPT, atomic_path, write_text
+from .config import RunConfig, TAIDE_SYSTEM_PROMPT, TaideError, atomic_path, write_text
 from .environment import is_main
 
 # %% auto #0
-__all__ = ['log', 'CONTEXT_LABEL', 'DataError', 'Row', 'Rows', 'load_rows', 'check_data', 'user_message', 'format_messages',
-           'tokenize_row', 'Data', 'build_dataset', 'plot_lengths']
+__all__ = ['log', 'CONTEXT_LABEL', 'DataError', 'Row', 'Rows', 'load_rows', 'eval_count', 'check_data', 'user_message',
+           'format_messages', 'tokenize_row', 'labelled_text', 'Data', 'build_dataset', 'plot_lengths']
 
 # %% ../nbs/02_dataset.ipynb #e06b639c
 log = logging.getLogger(__name__)
 
 # %% ../nbs/02_dataset.ipynb #8b19066c
-class DataError(ValueError):
+class DataError(TaideError, ValueError):
     "Bad training data: every problem found, each naming its file and line."
     def __init__(self, problems, hint=''):
         self.problems, self.total = list(problems), len(problems)
@@ -28,7 +28,6 @@ class DataError(ValueError):
         if self.total == 1 and not hint: msg = self.problems[0]
         else: msg = f"{self.total} bad row{'s' if self.total > 1 else ''}:\n" + '\n'.join(shown) + (f"\n{hint}" if hint else '')
         super().__init__(msg)
-    def _render_traceback_(self): return [f"DataError: {self}"]
 
 _SKIP_HINT = "Fix these rows, or set [Dataset] SKIP_BAD_ROWS = true to skip them (they are saved to OUTPUT_DIR/rejected.jsonl)."
 
@@ -162,31 +161,44 @@ def load_rows(path:str|Path, # a JSON Lines file
         if p: bad.append({'file': name, 'line': no, 'problem': p, 'text': raw.decode('utf-8', errors='replace')})
         else: rows.append(Row(name, no, obj, shape))
     if bad and not skip_bad_rows: raise DataError([b['problem'] for b in bad], _SKIP_HINT)
+    if not rows:
+        e = DataError([f"`{name}` has no valid rows" + (f" (all {len(bad)} are bad; see rejected.jsonl)" if bad else '') + "."])
+        e.rejected = bad
+        raise e
     if ignored: log.warning(f"{name}: ignoring fields not used for training: {', '.join(f'`{k}`' for k in sorted(ignored))}")
     if bad: log.warning(f"{name}: skipped {len(bad)} bad row{'s' if len(bad) > 1 else ''} (SKIP_BAD_ROWS = true)")
-    if not rows: raise DataError([f"`{name}` has no valid rows" + (f" (all {len(bad)} are bad; see rejected.jsonl)" if bad else '') + "."])
     return Rows(rows, path, shape, bad, ignored)
 
 # %% ../nbs/02_dataset.ipynb #ed5b8eb2
 def _load_all(cfg):
     "Train rows, eval rows (or None), and the rejected.jsonl path when SKIP_BAD_ROWS is on."
-    skip = cfg.data.skip_bad_rows
-    train = load_rows(cfg.data.dataset_file, skip)
-    evals = load_rows(cfg.data.eval_file, skip) if cfg.data.eval_file else None
-    rejected = None
-    if skip:
-        bad = train.rejected + (evals.rejected if evals else [])
-        rejected = Path(cfg.train.output_dir)/'rejected.jsonl'
+    skip, rejected = cfg.data.skip_bad_rows, Path(cfg.train.output_dir)/'rejected.jsonl'
+    def write(bad):
         if is_main(): write_text(rejected, ''.join(json.dumps(b, ensure_ascii=False) + '\n' for b in bad))
-        if bad: log.warning(f"{len(bad)} bad row{'s' if len(bad) > 1 else ''} skipped; see {rejected}")
+    try:
+        train = load_rows(cfg.data.dataset_file, skip)
+        evals = load_rows(cfg.data.eval_file, skip) if cfg.data.eval_file else None
+    except DataError as e:  # every row bad: the rows the message points to are written all the same
+        if skip and getattr(e, 'rejected', None): write(e.rejected)
+        raise
+    if not skip: return train, evals, None
+    bad = train.rejected + (evals.rejected if evals else [])
+    write(bad)
+    if bad: log.warning(f"{len(bad)} bad row{'s' if len(bad) > 1 else ''} skipped; see {rejected}")
     return train, evals, rejected
+
+def eval_count(n:int, split) -> int:
+    "Rows to hold out of `n` for EVAL_SPLIT `split`: a share, or auto (5 %, at least 8 and at most 100; none under 40 rows)."
+    if split == 'auto': return 0 if n < 40 else min(100, max(8, round(0.05 * n)))
+    return min(max(1, round(split * n)), n - 1) if split and n >= 2 else 0
 
 def check_data(cfg:RunConfig) -> dict:
     "Check DATASET_FILE (and EVAL_FILE) without a tokenizer; return counts, or raise `DataError`."
     train, evals, rejected = _load_all(cfg)
     files = [str(train.path)] + ([str(evals.path)] if evals else [])
     turns = sum(sum(m['role'] == 'assistant' for m in r.data['messages']) if r.shape == 'messages' else 1 for r in train)
-    stats = dict(files=files, shape=train.shape, rows=len(train), turns=turns, eval_rows=len(evals) if evals else 0,
+    held = len(evals) if evals else (eval_count(len(train), cfg.data.eval_split) if cfg.data.eval else 0)
+    stats = dict(files=files, shape=train.shape, rows=len(train) - (0 if evals else held), turns=turns, eval_rows=held,
                  bad_rows=len(train.rejected) + (len(evals.rejected) if evals else 0),
                  ignored_fields=sorted(set(train.ignored) | set(evals.ignored if evals else [])),
                  rejected=str(rejected) if rejected else None)
@@ -304,6 +316,19 @@ def tokenize_row(messages:list, # chat messages, e.g. from `format_messages`
     if what == 'prompt': raise DataError([f"the prompt alone is {int(mask.argmax()) if mask.any() else len(ids)} tokens, over max_seq_length = {max_seq_length}; shorten it or raise MAX_SEQ_LENGTH."])
     return {'input_ids': ids2, 'labels': _labels(ids2, mask2, train_on_responses_only)}
 
+# %% ../nbs/02_dataset.ipynb #5b6c7d8e
+def labelled_text(row:dict, # `input_ids` and `labels`, e.g. from `tokenize_row` or a dataset row
+                  tokenizer) -> str:
+    "The row's text, with each stretch of tokens that carries the loss between ⟦ and ⟧."
+    out, run, on = [], [], None
+    for t, l in list(zip(row['input_ids'], row['labels'])) + [(None, None)]:
+        now = l is not None and l != -100
+        if (now != on or t is None) and run:
+            text = tokenizer.decode(run, clean_up_tokenization_spaces=False)
+            out.append(f"⟦{text}⟧" if on else text); run = []
+        run.append(t); on = now
+    return ''.join(out)
+
 # %% ../nbs/02_dataset.ipynb #9aaca954
 @dataclass
 class Data:
@@ -313,6 +338,7 @@ class Data:
     lengths: list = field(default_factory=list, repr=False)  # token count of every row before LONG_ROWS
     max_seq_length: int|None = None
     output_dir: Path|None = None
+    eval_chats: list = field(default_factory=list, repr=False)  # the eval rows as chat messages, for answers before and after training
 
     def __repr__(self):
         s = self.stats
@@ -353,11 +379,10 @@ def _report_long(long, name, cfg):
 # %% ../nbs/02_dataset.ipynb #8e3cff80
 def _split(rows, cfg):
     "Train and eval rows per EVAL_SPLIT, seeded by SEED."
-    frac = cfg.data.eval_split
-    if not frac or len(rows) < 2: return list(rows), []
+    k = eval_count(len(rows), cfg.data.eval_split) if cfg.data.eval else 0
+    if not k: return list(rows), []
     idx = list(range(len(rows))); random.Random(cfg.train.seed).shuffle(idx)
-    n = min(max(1, round(frac * len(rows))), len(rows) - 1)
-    held = set(idx[:n])
+    held = set(idx[:k])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 def _to_dataset(recs):
@@ -372,8 +397,14 @@ def build_dataset(cfg:RunConfig, # uses [Dataset], MAX_SEQ_LENGTH, SEED and OUTP
     _check_template(tokenizer)
     train_rows, eval_rows, rejected = _load_all(cfg)
     shape, bad = train_rows.shape, len(train_rows.rejected) + (len(eval_rows.rejected) if eval_rows else 0)
-    eval_src = 'file' if eval_rows is not None else ('split' if cfg.data.eval_split else None)
-    if eval_rows is None: train_rows, eval_rows = _split(train_rows, cfg)
+    if not cfg.data.eval: eval_rows = None
+    eval_src = 'file' if eval_rows is not None else (f"split ({cfg.data.eval_split})" if cfg.data.eval else None)
+    if eval_rows is None:
+        train_rows, eval_rows = _split(train_rows, cfg)
+        if eval_rows: log.info(f"holding out {len(eval_rows)} of {len(train_rows) + len(eval_rows)} rows for evaluation (EVAL_SPLIT = {cfg.data.eval_split}"
+                               + (": 5 %, at least 8 and at most 100" if cfg.data.eval_split == 'auto' else '') + "); EVAL = false trains on every row and skips the evaluation")
+        elif cfg.data.eval and cfg.data.eval_split == 'auto': log.info(f"no rows held out for evaluation: {len(train_rows)} rows are too few (auto holds out rows from 40 on); set EVAL_SPLIT or EVAL_FILE to evaluate")
+        if not eval_rows: eval_src = None
     name = Path(cfg.data.dataset_file).name
     recs, lengths, long = _tokenize_rows(train_rows, tokenizer, cfg, name)
     erecs, elens, elong = _tokenize_rows(eval_rows, tokenizer, cfg, Path(cfg.data.eval_file).name if eval_src == 'file' else name) if eval_rows else ([], [], {})
@@ -392,7 +423,7 @@ def build_dataset(cfg:RunConfig, # uses [Dataset], MAX_SEQ_LENGTH, SEED and OUTP
              f"{tokens:,} tokens ({stats['prompt_tokens']:,} prompt, {answer:,} answer), {stats['loss_share']:.1%} carry loss; "
              f"mean {stats['mean_length']:.0f}, max {stats['max_length']} tokens")
     return Data(_to_dataset(recs), _to_dataset(erecs) if erecs else None, stats, lengths + elens,
-                cfg.model.max_seq_length, Path(cfg.train.output_dir))
+                cfg.model.max_seq_length, Path(cfg.train.output_dir), [format_messages(r, cfg.data.system_prompt) for r in eval_rows or []])
 
 # %% ../nbs/02_dataset.ipynb #60766185
 def plot_lengths(self:Data, path:str|Path|None=None) -> Path:
