@@ -5,11 +5,12 @@
 # %% ../nbs/07_pipeline.ipynb #4c6e80a2
 from __future__ import annotations
 from dataclasses import dataclass
+from pathlib import Path
 from .config import ConfigError, RunConfig
 from .environment import EnvReport, Plan, dist_env, env_report, is_main, log, setup_logging
 
 # %% auto #0
-__all__ = ['start', 'RunResult', 'fine_tune']
+__all__ = ['start', 'RunResult', 'fine_tune', 'model_card', 'write_model_card', 'load_tuned', 'evaluate_saved', 'chat']
 
 # %% ../nbs/07_pipeline.ipynb #7f91b3d5
 def start(cfg:RunConfig) -> Plan:
@@ -27,11 +28,13 @@ class RunResult:
     plan: Plan  # what the run did on this machine
     data: dict  # dataset statistics
     train: object  # `taide_ft.training.TrainStats`
+    evaluation: object|None  # `taide_ft.evaluate.EvalReport`; None without eval rows
     export: object|None  # `taide_ft.export.ExportResult`; None in the processes other than rank 0
 
 def fine_tune(cfg:RunConfig) -> RunResult:
-    "Every stage for `cfg`: plan, model, data, LoRA, training, export; returns what each produced."
+    "Every stage for `cfg`: plan, model, data, LoRA, training, evaluation, export; returns what each produced."
     from taide_ft.dataset import build_dataset
+    from taide_ft.evaluate import evaluate
     from taide_ft.model import add_lora, load_model
     from taide_ft.training import train
     from taide_ft.export import chat_gguf, export_gguf, training_prompts
@@ -40,13 +43,105 @@ def fine_tune(cfg:RunConfig) -> RunResult:
     data = build_dataset(cfg, tok)
     model = add_lora(model, cfg, plan)
     stats = train(cfg, plan, model, tok, data)
+    evaluation = evaluate(cfg, plan, model, tok, data, stats) if plan.processes == 1 or is_main() else None
     del model
     if plan.processes > 1:  # several processes trained together; rank 0 alone exports
         import torch.distributed as td
         if td.is_initialized(): td.destroy_process_group()
-        if not is_main(): return RunResult(plan, data.stats, stats, None)
+        if not is_main(): return RunResult(plan, data.stats, stats, None, None)
     result = export_gguf(cfg, base=plan.base)
-    question = training_prompts(cfg, 1)[0][-1]['content']
-    log.info("Chat with %s:\n> %s\n%s", result.gguf.name, question, chat_gguf(result.gguf, question, cfg))
+    if evaluation is not None:
+        evaluation.add_gguf(result.gguf); evaluation.save(cfg.output_dir)
+        log.info(evaluation.summary())
+    else:
+        question = training_prompts(cfg, 1)[0][-1]['content']
+        log.info("Chat with %s:\n> %s\n%s", result.gguf.name, question, chat_gguf(result.gguf, question, cfg))
+    run = RunResult(plan, data.stats, stats, evaluation, result)
+    write_model_card(cfg, run)
     log.info("Run it in Ollama:\n  %s", result.ollama_command)
-    return RunResult(plan, data.stats, stats, result)
+    return run
+
+# %% ../nbs/07_pipeline.ipynb #1c2d3e4f
+def model_card(cfg:RunConfig, run:RunResult) -> str:
+    "The model card (Markdown) of a finished run."
+    t, d, ev, ex = run.train, run.data, run.evaluation, run.export
+    lines = [f"# {cfg.model.new_model_name}", "",
+             f"A LoRA fine-tune of `{cfg.model.base_model_name}`, made with taide_ft ({run.plan.backend}, {run.plan.dtype}"
+             + (", 4-bit base" if run.plan.load_in_4bit else '') + ").", "",
+             "## Data", "",
+             f"{d['rows']:,} training rows and {d['eval_rows']:,} eval rows from `{Path(cfg.data.dataset_file).name}`: {d['tokens']:,} tokens, "
+             f"{d['loss_share']:.0%} of them answer tokens that carry the loss; rows of {d['mean_length']:.0f} tokens on average, at most {d['max_length']}.", "",
+             "## Training", "", t.summary(), ""]
+    if ev is not None: lines += ["## Evaluation", "", ev.summary(), "", "Every answer, before and after: `eval.md`.", ""]
+    if ex is not None:
+        lines += ["## Use it in Ollama", "", "```bash", ex.ollama_command, "ollama run " + ex.ollama_command.split('ollama create ')[1].split()[0], "```", "",
+                  "Files: " + ', '.join(f"`{p.name}`" for p in ex.ggufs.values()) + ", `Modelfile`, `manifest.json` (sizes, sha256, versions).", ""]
+    lines += ["## Licence", "", f"The weights are a derivative of `{cfg.model.base_model_name}`: its licence and terms of use apply to "
+              "them (for TAIDE, the TAIDE model licence agreement you accepted on the hub), as do the terms of your training data.", "",
+              "## Configuration", "", "```ini", cfg.to_ini().strip(), "```", ""]
+    return '\n'.join(lines)
+
+def write_model_card(cfg:RunConfig, run:RunResult):
+    "Write OUTPUT_DIR/README.md (in place of the card the trainer leaves)."
+    from taide_ft.config import write_text
+    if is_main(): return write_text(cfg.output_dir/'README.md', model_card(cfg, run))
+
+# %% ../nbs/07_pipeline.ipynb #3e4f5061
+def load_tuned(cfg:RunConfig, plan:Plan) -> tuple:
+    "(model with the saved adapter, tokenizer) from OUTPUT_DIR/adapter; `ConfigError` when there is none yet."
+    from taide_ft.model import load_model
+    adapter = cfg.output_dir/'adapter'
+    if not (adapter/'adapter_config.json').is_file():
+        raise ConfigError([f"no trained adapter in {adapter}: run `taide-ft run --config {cfg.path or 'config.ini'}` first "
+                           "(or point OUTPUT_DIR at the run's folder)."], cfg.path or 'config')
+    model, tok = load_model(cfg, plan)
+    from peft import PeftModel
+    return PeftModel.from_pretrained(model, str(adapter)), tok
+
+def evaluate_saved(cfg:RunConfig):
+    "The evaluation of a finished run, again: eval loss and answers with the adapter off and on, and the GGUF's answers."
+    from types import SimpleNamespace
+    from taide_ft.dataset import build_dataset
+    from taide_ft.evaluate import evaluate
+    from taide_ft.export import gguf_name
+    from taide_ft.training import mean_loss, train_eval_rows
+    plan = start(cfg)
+    model, tok = load_tuned(cfg, plan)
+    data = build_dataset(cfg, tok)
+    _, ev = train_eval_rows(data)
+    if ev is None: raise ConfigError(["no eval rows: set [Dataset] EVAL = true and EVAL_SPLIT (or EVAL_FILE)."], cfg.path or 'config')
+    loss = lambda: mean_loss(model, ev, plan, tok.pad_token_id, cfg.model.max_seq_length)
+    with model.disable_adapter(): before = loss()
+    rep = evaluate(cfg, plan, model, tok, data, SimpleNamespace(first_eval_loss=before, eval_loss=loss()))
+    gguf = cfg.output_dir/gguf_name(cfg, cfg.quant.quantization_method[0])
+    if gguf.is_file():
+        rep.add_gguf(gguf); rep.save(cfg.output_dir); log.info(rep.summary())
+    return rep
+
+# %% ../nbs/07_pipeline.ipynb #4f506172
+def chat(cfg:RunConfig, # SYSTEM_PROMPT, OUTPUT_DIR
+         gguf:str|Path|None=None, # talk with this GGUF in llama.cpp instead of the tuned model in transformers
+         ask=input, # reads the user's next message; EOFError ends
+         say=print, # shows an answer
+         max_tokens:int=512) -> list:
+    "A multi-turn chat with the tuned model (or a GGUF); `/exit` or Ctrl-D ends it. Returns the messages."
+    if gguf is not None:
+        from taide_ft.export import GGUFChat
+        bot = GGUFChat(gguf)
+        answer = lambda msgs: bot(msgs, max_tokens)[0]
+    else:
+        from taide_ft.environment import make_plan
+        from taide_ft.evaluate import generate
+        plan = make_plan(cfg)
+        model, tok = load_tuned(cfg, plan)
+        answer = lambda msgs: generate(model, tok, [msgs], max_tokens, unsloth=plan.backend == 'unsloth').texts[0]
+    msgs = [{'role': 'system', 'content': cfg.data.system_prompt}] if cfg.data.system_prompt else []
+    while True:
+        try: line = ask('> ').strip()
+        except EOFError: break
+        if line in ('/exit', '/quit'): break
+        if not line: continue
+        msgs.append({'role': 'user', 'content': line})
+        msgs.append({'role': 'assistant', 'content': answer(msgs)})
+        say(msgs[-1]['content'])
+    return msgs

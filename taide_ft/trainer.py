@@ -10,8 +10,8 @@ from trl import SFTConfig, SFTTrainer
 from transformers import PrinterCallback, TrainerCallback
 from .config import RunConfig
 from .environment import Plan
-from .training import (EpochSampler, PadCollator, StepData, TrainingDiverged, _attention_for, _hms, cut_step,
-                               last_checkpoint, log, make_steps, plan_steps, progress_bar, train_eval_rows)
+from .training import (EpochSampler, StepData, TrainingDiverged, _attention_for, _hms, last_checkpoint, log,
+                               make_steps, mean_loss, plan_steps, progress_bar, train_eval_rows)
 
 # %% auto #0
 __all__ = ['TrainMonitor', 'TaideTrainer', 'trainer_args', 'make_trainer']
@@ -132,28 +132,9 @@ class TaideTrainer(SFTTrainer):
             return super().train(*args, **kwargs)
 
 # %% ../nbs/04b_trainer.ipynb #4e6a8cad
-def _eval_loss(self:TaideTrainer) -> float:
-    import torch, torch.distributed as td
-    ds, cfg_len = self.eval_rows, self.steps_data.schedule.max_length
-    ids, labels = ds['input_ids'], ds['labels']
-    n = sum(sum(t != -100 for t in l[1:]) for l in labels)
-    gpu = self.plan.device == 'cuda'
-    cuts = cut_step([len(x) for x in ids], self.plan.micro_tokens, bucket=8 if gpu else 1, cap=cfg_len)
-    collate = PadCollator(self.processing_class.pad_token_id, 8 if gpu else 1, cfg_len, companion=gpu)
-    world, rank = self.accelerator.num_processes, self.accelerator.process_index
-    model = self.model
-    was = model.training; model.eval()
-    total = torch.zeros((), device=self.args.device)
-    with torch.no_grad():
-        for mb in cuts[rank::world]:
-            batch = self._prepare_inputs(collate([{'input_ids': ids[j], 'labels': labels[j]} for j in mb]))
-            with self.compute_loss_context_manager(): total += model(**batch, num_items_in_batch=n).loss.float()
-    if world > 1 and td.is_initialized(): td.all_reduce(total)
-    model.train(was)
-    return float(total)
-
 def _evaluate(self:TaideTrainer, eval_dataset=None, ignore_keys=None, metric_key_prefix='eval'):
-    metrics = {f'{metric_key_prefix}_loss': _eval_loss(self)}
+    metrics = {f'{metric_key_prefix}_loss': mean_loss(self.model, self.eval_rows, self.plan, self.processing_class.pad_token_id,
+                                                      self.steps_data.schedule.max_length, self._prepare_inputs, self.compute_loss_context_manager)}
     self.log(metrics)
     self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
     return metrics

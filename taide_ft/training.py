@@ -16,7 +16,8 @@ from .environment import (ModelError, Plan, barrier, dist_env, dist_init, is_mai
 __all__ = ['log', 'MICRO_OVERHEAD', 'bucket_length', 'cut_step', 'micro_batch_cost', 'deal', 'group_rows', 'pack_bins',
            'Schedule', 'PadCollator', 'PackCollator', 'StepData', 'EpochSampler', 'checkpoint_complete', 'checkpoints',
            'last_checkpoint', 'TrainingDiverged', 'TrainingInterrupted', 'GPUOutOfMemory', 'progress_bar', 'plan_steps',
-           'train_eval_rows', 'make_steps', 'oom_advice', 'TrainStats', 'train', 'save_adapter', 'PNGPath', 'plot_loss']
+           'train_eval_rows', 'make_steps', 'mean_loss', 'oom_advice', 'TrainStats', 'train', 'save_adapter', 'PNGPath',
+           'plot_loss']
 
 # %% ../nbs/04_training.ipynb #611b213d
 log = logging.getLogger('taide_ft.training')  # by name, not __name__, so that the notebook logs as the module does
@@ -301,7 +302,8 @@ def plan_steps(cfg:RunConfig, # MAX_STEPS, NUM_EPOCHS, batch and accumulation
     fixed = cfg.train.packing in ('auto', 'off')
     spe = steps_per_epoch or -(-n_rows // per)
     steps = max(1, math.ceil(t.num_epochs * spe)) if t.num_epochs else t.max_steps
-    rows = min(steps * per, n_rows * steps / spe) if fixed else n_rows * steps / spe
+    full, rest = divmod(steps, spe)
+    rows = full * n_rows + (min(rest * per, n_rows) if fixed else n_rows * rest / spe)
     epochs = steps / spe
     what = (f"{steps} steps x {per} rows" + (f" = {rows:,.0f} rows" if epochs < 1 else '') if fixed else f"{steps} steps of about {n_rows / spe:.0f} rows ({cfg.train.packing} fills each with {t.per_device_train_batch_size} x {t.gradient_accumulation_steps} x MAX_SEQ_LENGTH tokens)") + \
            f" = {epochs:.2f} epochs of {n_rows:,} rows" + (f" ({n_rows - rows:,.0f} rows never seen)" if epochs < 1 else '')
@@ -339,6 +341,37 @@ def make_steps(cfg:RunConfig, plan:Plan, train_ds, pad_token_id:int) -> StepData
     if plan.batches == 'packed' or not padded: collate = PackCollator(lengths_key=plan.backend == 'unsloth')
     else: collate = PadCollator(pad_token_id, 8 if gpu else 1, L, companion=gpu)
     return StepData(train_ds, sched, collate)
+
+# %% ../nbs/04_training.ipynb #3d5f7091
+def mean_loss(model, # the model (with adapters)
+              ds, # tokenized eval rows: `input_ids`, `labels`
+              plan:Plan, # device and micro-batch budget
+              pad_token_id:int,
+              max_length:int, # MAX_SEQ_LENGTH
+              prepare=None, # a micro-batch -> the model's inputs on its device (default: move the tensors)
+              autocast=None # a context for the forward pass (default: autocast to the plan's precision on a GPU)
+             ) -> float:
+    "Mean loss over every answer token of `ds`, on all processes together."
+    import torch, torch.distributed as td
+    ids, labels = ds['input_ids'], ds['labels']
+    n = sum(sum(t != -100 for t in l[1:]) for l in labels)
+    gpu = plan.device == 'cuda'
+    cuts = cut_step([len(x) for x in ids], plan.micro_tokens, bucket=8 if gpu else 1, cap=max_length)
+    collate = PadCollator(pad_token_id, 8 if gpu else 1, max_length, companion=gpu)
+    world = td.get_world_size() if td.is_available() and td.is_initialized() else 1
+    rank = td.get_rank() if world > 1 else 0
+    dev = next(model.parameters()).device
+    prepare = prepare or (lambda b: {k: v.to(dev) for k, v in b.items()})
+    autocast = autocast or (lambda: torch.autocast('cuda', dtype=plan.torch_dtype) if gpu and plan.dtype != 'float32' else contextlib.nullcontext())
+    was = model.training; model.eval()
+    total = torch.zeros((), device=dev)
+    with torch.no_grad():
+        for mb in cuts[rank::world]:
+            batch = prepare(collate([{'input_ids': ids[j], 'labels': labels[j]} for j in mb]))
+            with autocast(): total += model(**batch, num_items_in_batch=n).loss.float()
+    if world > 1: td.all_reduce(total)
+    model.train(was)
+    return float(total)
 
 # %% ../nbs/04_training.ipynb #75d11022
 def oom_advice(cfg:RunConfig) -> str:
