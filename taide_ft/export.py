@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_export.ipynb #7cd2f6d0
 from __future__ import annotations
-import base64, contextlib, ctypes, hashlib, json, logging, os, re, shutil, struct, subprocess, sys, tempfile, time
+import base64, contextlib, ctypes, hashlib, json, logging, os, re, shlex, shutil, struct, subprocess, sys, tempfile, time
 from collections import deque
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -12,12 +12,13 @@ from pathlib import Path
 from .config import GGUF_TYPES, RunConfig, TaideError, atomic_path, write_text
 from .environment import (BaseModel, base_folder, disk_need, lib_versions, memory_peaks, quiet, reset_peaks,
                                   resolve_base, _safetensors_params)
+from .ollama import derive_template, tokenizer_adds_bos
 
 # %% auto #0
-__all__ = ['log', 'CHAT_FORMATS', 'ExportError', 'ollama_name', 'gguf_name', 'merge_adapter', 'check_converter',
-           'convert_to_gguf', 'export_source', 'read_gguf', 'quantize_gguf', 'chat_format', 'write_modelfile',
-           'training_prompts', 'reference_outputs', 'verify_gguf', 'check_disk', 'manifest', 'ExportResult',
-           'convert_lora_to_gguf', 'export_gguf', 'chat_gguf']
+__all__ = ['log', 'ExportError', 'ollama_name', 'gguf_name', 'merge_adapter', 'check_converter', 'convert_to_gguf',
+           'export_source', 'read_gguf', 'quantize_gguf', 'write_modelfile', 'training_prompts', 'reference_outputs',
+           'verify_gguf', 'check_disk', 'manifest', 'ExportResult', 'convert_lora_to_gguf', 'export_gguf', 'GGUFChat',
+           'chat_gguf']
 
 # %% ../nbs/05_export.ipynb #a90e8d9e
 log = logging.getLogger(__name__)
@@ -410,62 +411,27 @@ def quantize_gguf(src:str|Path, # a 16- or 32-bit GGUF
     log.info(f"quantize: {dest.name} ({dest.stat().st_size/2**20:.0f} MiB)")
     return dest
 
-# %% ../nbs/05_export.ipynb #12cdbc68
-_LLAMA3_TEMPLATE = '''{{- if .System }}<|start_header_id|>system<|end_header_id|>
-
-{{ .System }}<|eot_id|>
-{{- end }}
-{{- range .Messages }}
-{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>
-
-{{ .Content }}<|eot_id|>
-{{- end }}
-{{- end }}<|start_header_id|>assistant<|end_header_id|>
-
-'''
-_CHATML_TEMPLATE = '''{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}
-{{- range .Messages }}
-{{- if ne .Role "system" }}<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ end }}
-{{- end }}<|im_start|>assistant
-'''
-CHAT_FORMATS = {
-    'llama3': dict(marker='<|start_header_id|>', end_of_turn='<|eot_id|>', template=_LLAMA3_TEMPLATE,
-                   stops=['<|eot_id|>', '<|start_header_id|>', '<|end_header_id|>']),
-    'chatml': dict(marker='<|im_start|>', end_of_turn='<|im_end|>', template=_CHATML_TEMPLATE,
-                   stops=['<|im_end|>', '<|im_start|>']),
-}
-
-def chat_format(tokenizer) -> str:
-    "'llama3' or 'chatml', from the tokenizer's chat template and special tokens; `ExportError` otherwise."
-    tpl = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ''
-    vocab = tokenizer.get_vocab()
-    for name, f in CHAT_FORMATS.items():
-        if f['marker'] in tpl and f['end_of_turn'] in tpl and f['end_of_turn'] in vocab: return name
-    raise ExportError("the tokenizer's chat template is neither Llama 3 (`<|start_header_id|>` … `<|eot_id|>`) nor ChatML "
-                      "(`<|im_start|>` … `<|im_end|>`), so no Ollama TEMPLATE can be written for it. Use a Llama 3 or ChatML chat model, or write the Modelfile by hand.")
-
 # %% ../nbs/05_export.ipynb #04b2f068
 def write_modelfile(cfg:RunConfig, # SYSTEM_PROMPT, MAX_SEQ_LENGTH and the model name come from here
                     gguf_path:str|Path, # the GGUF the Modelfile points at (same folder)
-                    tokenizer, # the merged model's tokenizer: picks the chat format
+                    tokenizer, # the trained tokenizer, with the chat template training used
                     dest:str|Path|None=None, # default: `Modelfile` beside the GGUF
                     adapter:str|Path|None=None # optional LoRA GGUF for Ollama's ADAPTER
                    ) -> Path:
-    "Write an Ollama Modelfile for `gguf_path` with the chat template, system prompt, stop tokens and context length."
-    fmt = CHAT_FORMATS[chat_format(tokenizer)]
+    "Write an Ollama Modelfile for `gguf_path`: TEMPLATE derived from the chat template and checked, system prompt, stops, context length."
     gguf_path = Path(gguf_path); dest = Path(dest) if dest else gguf_path.parent/'Modelfile'
-    system = cfg.data.system_prompt
+    system = cfg.data.system_prompt.strip()
     if '"""' in system: raise ExportError('[Dataset] SYSTEM_PROMPT contains `"""`, which ends a Modelfile string. Remove it.')
+    template, stops, info = derive_template(tokenizer, system, add_bos=bool(read_gguf(gguf_path)['add_bos']))
     lines = [f"# Ollama Modelfile for {cfg.model.new_model_name} ({gguf_path.stem}), made by taide_ft",
-             f"# ollama create {ollama_name(cfg)} -f {dest.name}", f"FROM ./{gguf_path.name}"]
+             f"# ollama create {ollama_name(cfg)} -f {dest.name}",
+             "# TEMPLATE is the model's chat template, checked token for token; Ollama 0.33+ may render the GGUF's own copy of",
+             "# that chat template instead (OLLAMA_GO_TEMPLATE=1 makes it use TEMPLATE): both give the training format.",
+             f"FROM ./{gguf_path.name}"]
     if adapter: lines.append(f"ADAPTER ./{Path(adapter).name}")
-    lines.append(f'TEMPLATE """{fmt["template"]}"""')
+    lines.append(f'TEMPLATE """{template}"""')
     if system: lines.append(f'SYSTEM """{system}"""')
-    lines += [f'PARAMETER stop "{s}"' for s in fmt['stops']] + [f"PARAMETER num_ctx {cfg.model.max_seq_length}"]
+    lines += [f'PARAMETER stop "{s}"' for s in stops] + [f"PARAMETER num_ctx {cfg.model.max_seq_length}"]
     return write_text(dest, '\n'.join(lines) + '\n')
 
 def _modelfile_template(path):
@@ -546,7 +512,7 @@ def _reference_item(model, tok, msgs, stops, max_new_tokens, dev):
 # %% ../nbs/05_export.ipynb #2418843c
 def _check_metadata(meta, res, tok, problems):
     "Compare the GGUF's special tokens and template with the tokenizer's."
-    eot = tok.convert_tokens_to_ids(CHAT_FORMATS[chat_format(tok)]['end_of_turn'])
+    eot = tok.convert_tokens_to_ids(derive_template(tok, check=False)[1][0])  # the chat format's end-of-turn token
     want = dict(bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
     for k, v in want.items():
         if v is not None and meta[k] is not None and meta[k] != v: problems.append(f"{k} token is {meta[k]} in the GGUF but {v} in the tokenizer")
@@ -744,10 +710,13 @@ def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prom
     if _dist_version('llama_cpp_python') is None: raise ExportError("`llama-cpp-python` is not installed; the export needs llama.cpp's quantizer and runtime. Install it (see the README).")
     _check_adapter(adapter_dir)
     stats, types = {}, list(cfg.quant.quantization_method)
+    if ollama_name(cfg) != cfg.model.new_model_name.strip().lower():
+        log.warning(f"NEW_MODEL_NAME = {cfg.model.new_model_name}: Ollama names take lowercase letters, digits, '_', '-' and '.', "
+                    f"so the model is `{ollama_name(cfg)}` (files `{gguf_name(cfg, types[0])}`, ...); set NEW_MODEL_NAME to such a name to choose another.")
     src, lora, merge, disk = _prepare(cfg, base or resolve_base(cfg.model.base_model_name), adapter_dir, stats)
     try:
         tok = AutoTokenizer.from_pretrained(src)
-        chat_format(tok)  # fail now, not after an hour of conversion, if no Modelfile can be written
+        derive_template(tok, cfg.data.system_prompt.strip(), add_bos=tokenizer_adds_bos(tok))  # fail now, not after an hour of conversion
         paths, sixteen = _convert_and_quantize(cfg, src, lora, stats)
         report, report_path = _verify(cfg, src, lora, paths, stats, max_new_tokens, n_prompts)
         for t in sixteen:
@@ -762,31 +731,43 @@ def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prom
     # 6) package
     modelfiles = {t: write_modelfile(cfg, paths[t], tok, out/('Modelfile' if i == 0 else f'Modelfile.{t}')) for i, t in enumerate(types)}
     manifest_path = _write_json(out/'manifest.json', manifest(cfg, paths, others + [*modelfiles.values(), report_path], merge, disk, stats, report))
-    cmd = f"cd {out} && ollama create {ollama_name(cfg)} -f Modelfile"
+    cmd = f"cd {shlex.quote(str(out))} && ollama create {ollama_name(cfg)} -f Modelfile"
     log.info(f"export: done. To use it with Ollama: {cmd}")
     return ExportResult(paths, modelfiles[types[0]], report, report_path, manifest_path, cmd)
 
 # %% ../nbs/05_export.ipynb #7e2debdd
+class GGUFChat:
+    "A GGUF loaded in llama.cpp, answering chats greedily with its own chat template."
+    def __init__(self, gguf_path:str|Path, n_ctx:int=4096):
+        import llama_cpp
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        self.meta = read_gguf(gguf_path)
+        if not self.meta['chat_template']: raise ExportError(f"`{Path(gguf_path).name}` has no chat template; export it again from a chat model.")
+        self.llm = llm = llama_cpp.Llama(str(gguf_path), n_ctx=n_ctx, verbose=False, seed=0)
+        self.template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(self.meta['chat_template'])
+        special = lambda i: llm.detokenize([i], special=True).decode('utf-8', 'replace')
+        self.tokens = dict(bos_token=special(llm.token_bos()), eos_token=special(llm.token_eos()))
+        self.stops = {llm.token_eos(), llama_cpp.llama_vocab_eot(llama_cpp.llama_model_get_vocab(llm.model))}
+
+    def __call__(self, messages:list, max_tokens:int=256) -> tuple:
+        "(answer, tokens, stopped by itself) for a chat ending with a user turn."
+        llm = self.llm
+        text = self.template.render(messages=messages, add_generation_prompt=True, **self.tokens)
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        if self.meta['add_bos'] and ids[:1] != [llm.token_bos()]: ids = [llm.token_bos()] + ids
+        out, stopped = [], False
+        llm.reset()
+        for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+            if t in self.stops: stopped = True; break
+            if len(out) >= max_tokens: break
+            out.append(t)
+        return llm.detokenize(out).decode('utf-8', 'replace').strip(), len(out), stopped
+
 def chat_gguf(gguf_path:str|Path, # an exported GGUF
               prompt:str, # the user's message
               cfg:RunConfig, # SYSTEM_PROMPT comes from here
               max_tokens:int=64 # answer length limit
              ) -> str:
     "A short greedy answer to `prompt` from the GGUF through llama.cpp, with the GGUF's own chat template."
-    import llama_cpp
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    meta = read_gguf(gguf_path)
-    if not meta['chat_template']: raise ExportError(f"`{Path(gguf_path).name}` has no chat template; export it again from a chat model.")
-    llm = llama_cpp.Llama(str(gguf_path), n_ctx=2048, verbose=False, seed=0)
-    special = lambda i: llm.detokenize([i], special=True).decode('utf-8', 'replace')
     msgs = ([{'role': 'system', 'content': cfg.data.system_prompt}] if cfg.data.system_prompt else []) + [{'role': 'user', 'content': prompt}]
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    text = env.from_string(meta['chat_template']).render(messages=msgs, add_generation_prompt=True, bos_token=special(llm.token_bos()), eos_token=special(llm.token_eos()))
-    ids = llm.tokenize(text.encode(), add_bos=False, special=True)
-    if meta['add_bos'] and ids[:1] != [llm.token_bos()]: ids = [llm.token_bos()] + ids
-    stops = {llm.token_eos(), llama_cpp.llama_vocab_eot(llama_cpp.llama_model_get_vocab(llm.model))}
-    out = []
-    for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
-        if t in stops or len(out) >= max_tokens: break
-        out.append(t)
-    return llm.detokenize(out).decode('utf-8', 'replace').strip()
+    return GGUFChat(gguf_path)(msgs, max_tokens)[0]
