@@ -29,6 +29,7 @@ def smol():
 
 
 def cfg_for(tmp_path, data, **kw):
+    kw.setdefault('eval_split', 0.0)  # every row trains unless a test holds some out
     return load_config(None, check_files=False, dataset_file=data, output_dir=tmp_path/'out', **kw)
 
 
@@ -250,12 +251,34 @@ def test_long_rows_truncate_and_drop(tmp_path, llama, caplog):
     assert data.stats['rows'] == 2 and data.stats['long_rows']['dropped'] == [2, 4]
 
 
+def test_loss_tokens_count_the_labels_that_carry_loss(tmp_path, llama):
+    """Each row's `loss_tokens`: its labels after the first (the model predicts token k from those before it), the
+    count a step's loss is averaged over; the same for eval rows."""
+    multi = {'messages': [{'role': 'user', 'content': '你好'}, {'role': 'assistant', 'content': '你好！'},
+                          {'role': 'user', 'content': '台灣最高的山？'}, {'role': 'assistant', 'content': '玉山。'}]}
+    p = write_jsonl(tmp_path/'t.jsonl', [TAIDE_ROW, {'instruction': 'q', 'output': 'a'}, {'instruction': '1+1?', 'output': '2'}] * 2)
+    m = write_jsonl(tmp_path/'m.jsonl', [multi] * 4)
+    for only in (True, False):
+        d = build_dataset(cfg_for(tmp_path, p, train_on_responses_only=only, eval_split=0.34), llama)
+        assert d.train.column_names == d.eval.column_names == ['input_ids', 'labels', 'length', 'loss_tokens']
+        assert (len(d.train), len(d.eval)) == (4, 2)
+        for r in list(d.train) + list(d.eval):
+            want = sum(t != -100 for t in r['labels'][1:])
+            assert r['loss_tokens'] == want and r['length'] == len(r['input_ids'])
+            assert want == (len(r['input_ids']) - 1 if not only else sum(t != -100 for t in r['labels']))
+        s = d.stats  # the stats count every labelled token; the column leaves out each row's first
+        assert sum(d.train['loss_tokens']) == s['loss_tokens'] - (0 if only else s['rows'])
+    d = build_dataset(cfg_for(tmp_path, m), llama)
+    ans = len(llama.encode('你好！<|eot_id|>', add_special_tokens=False)) + len(llama.encode('玉山。<|eot_id|>', add_special_tokens=False))
+    assert d.train['loss_tokens'] == [ans] * 4
+
+
 def test_eval_split_is_seeded(tmp_path, llama):
     p = write_jsonl(tmp_path/'t.jsonl', [{'instruction': f'問題 {i}', 'output': f'答案 {i}'} for i in range(40)])
     a = build_dataset(cfg_for(tmp_path, p, eval_split=0.25, seed=1), llama)
     b = build_dataset(cfg_for(tmp_path, p, eval_split=0.25, seed=1), llama)
     c = build_dataset(cfg_for(tmp_path, p, eval_split=0.25, seed=2), llama)
-    assert (a.stats['rows'], a.stats['eval_rows'], a.stats['eval_source']) == (30, 10, 'split')
+    assert (a.stats['rows'], a.stats['eval_rows']) == (30, 10) and a.stats['eval_source'].startswith('split')
     assert a.eval['input_ids'] == b.eval['input_ids'] and a.eval['input_ids'] != c.eval['input_ids']
     assert not set(map(tuple, a.eval['input_ids'])) & set(map(tuple, a.train['input_ids']))
 

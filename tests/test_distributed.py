@@ -1,6 +1,6 @@
-"""Two processes (torchrun, gloo on CPU) train like one process with the same batch: each rank sees different rows,
-the adapter and losses match, only rank 0 writes files (the trainer's per-rank random state aside), and a run
-resumed from a checkpoint ends with the same adapter."""
+"""Two processes (torchrun, gloo on CPU) train like one process with the same step: each step's rows are dealt to the
+processes (each gets at least one, together the one-process step's rows), the losses and adapter match, only rank 0
+writes files (the trainer's per-rank random state aside), and a run resumed from a checkpoint ends with the same adapter."""
 import json, os, re, shutil, subprocess, sys
 from pathlib import Path
 import pytest
@@ -9,8 +9,8 @@ from test_training import MALLOC_ENV, ROWS, make_run, tiny  # noqa: F401  (tiny 
 ROOT = Path(__file__).resolve().parents[1]
 
 # What `taide-ft run` does up to training, plus two records for the test: the rows each training forward received
-# (a forward pre-hook) and every file this process opened for writing, renamed, made or removed under OUTPUT_DIR
-# (Python's audit hook sees them all, whichever library does it).
+# (a forward pre-hook), grouped by optimizer step (an optimizer step hook), and every file this process opened for
+# writing, renamed, made or removed under OUTPUT_DIR (Python's audit hook sees them all, whichever library does it).
 WORKER = r"""import json, os, sys
 from pathlib import Path
 from taide_ft.config import load_config
@@ -26,22 +26,29 @@ def audit(event, args):
         if isinstance(args[0], (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(args[0])).startswith(odir):
             writes.append(event + ' ' + os.path.abspath(os.fsdecode(args[0])))
 sys.addaudithook(audit)
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from taide_ft.dataset import build_dataset
+from taide_ft.environment import make_plan
 from taide_ft.model import add_lora, load_model
 from taide_ft.training import train
-model, tok = load_model(cfg)
+plan = make_plan(cfg)
+model, tok = load_model(cfg, plan)
 data = build_dataset(cfg, tok)
-model = add_lora(model, cfg)
-seen = []
+model = add_lora(model, cfg, plan)
+steps, cur = [], []  # steps: for each optimizer step, this process's micro-batches, each a list of rows (token ids)
 def hook(mod, args, kw):
     if mod.training:
         ids, am = kw['input_ids'], kw['attention_mask']
-        seen.append([ids[i][am[i].bool()].tolist() for i in range(ids.shape[0])])
+        cur.append([ids[i][am[i].bool()].tolist() for i in range(ids.shape[0])])
+def stepped(opt, args, kw):
+    steps.append(list(cur)); cur.clear()
 model.register_forward_pre_hook(hook, with_kwargs=True)
-stats = train(cfg, model, tok, data)
+register_optimizer_step_post_hook(stepped)
+stats = train(cfg, plan, model, tok, data)
 rank = int(os.environ.get('RANK', 0))
-Path(sys.argv[2], f'rank{rank}.json').write_text(json.dumps(dict(seen=seen, writes=writes, tokens=stats.tokens,
-    processes=stats.processes, losses=[h['loss'] for h in stats.log_history if 'loss' in h])))
+Path(sys.argv[2], f'rank{rank}.json').write_text(json.dumps(dict(steps=steps, writes=writes, tokens=stats.tokens,
+    processes=stats.processes, plan_processes=plan.processes, rows_per_step=stats.rows_per_step,
+    losses=[h['loss'] for h in stats.log_history if 'loss' in h])))
 """
 
 STEPS, BATCH, ACCUM = 3, 2, 2
@@ -64,29 +71,48 @@ def files(d):
     return sorted({re.sub(r'rng_state(_\d+)?\.pth$', 'rng_state.pth', str(p.relative_to(d))) for p in d.rglob('*') if p.is_file()})
 
 
-def test_two_processes_train_like_one(tmp_path, tiny):
+rows_of = lambda step: sorted(map(tuple, (r for mb in step for r in mb)))  # a step's rows, whatever its micro-batches
+
+
+def same_adapter(a, b, **tol):
     import torch
     from safetensors.torch import load_file
-    out1, (one,), _ = run_worker(tmp_path, tiny, 1)
-    out2, (r0, r1), log2 = run_worker(tmp_path, tiny, 2)
-
-    # one process: ACCUM micro-batches of BATCH rows a step; two: one micro-batch each, the same rows between them
-    assert len(one['seen']) == STEPS * ACCUM and len(r0['seen']) == len(r1['seen']) == STEPS
-    for k in range(STEPS):
-        a, b = r0['seen'][k], r1['seen'][k]
-        assert len(a) == len(b) == BATCH and not {tuple(x) for x in a} & {tuple(x) for x in b}, f"step {k + 1}: both ranks got a row"
-        want = one['seen'][ACCUM * k] + one['seen'][ACCUM * k + 1]
-        assert sorted(a + b) == sorted(want), f"step {k + 1}: the two ranks' rows are not the one-process step's rows"
-
-    # the same training: losses, tokens and the adapter's weights
-    assert r0['processes'] == 2 and one['processes'] == 1
-    assert r0['tokens'] == r1['tokens'] == one['tokens'] == sum(len(x) for s in one['seen'] for x in s)
-    assert len(r0['losses']) == STEPS and all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(r0['losses'], one['losses'])), (r0['losses'], one['losses'])
-    w1, w2 = load_file(out1/'adapter'/'adapter_model.safetensors'), load_file(out2/'adapter'/'adapter_model.safetensors')
+    w1, w2 = load_file(a/'adapter'/'adapter_model.safetensors'), load_file(b/'adapter'/'adapter_model.safetensors')
     assert w1.keys() == w2.keys() and len(w1) > 0
+    for k in w1: assert torch.allclose(w1[k], w2[k], **tol), (k, (w1[k] - w2[k]).abs().max())
+    return w1
+
+
+def test_two_processes_train_like_one(tmp_path, tiny):
+    """PACKING = auto: a step is BATCH x ACCUM rows whichever the processes; two processes deal each step's rows
+    between them by work (each at least one row) and average the loss over the whole step's answer tokens."""
+    from safetensors.torch import load_file
+    from taide_ft.training import micro_batch_cost
+    out1, (one,), _ = run_worker(tmp_path, tiny, 1)
+    out2, (r0, r1), _ = run_worker(tmp_path, tiny, 2)
+    assert (one['plan_processes'], r0['plan_processes'], r1['plan_processes']) == (1, 2, 2)
+
+    # each step: BATCH x ACCUM rows on one process; on two, those same rows, dealt (none twice, none lost)
+    assert len(one['steps']) == len(r0['steps']) == len(r1['steps']) == STEPS
+    config = json.loads((Path(tiny)/'config.json').read_text())
+    work = lambda step: sum(micro_batch_cost(1, len(r), config) for mb in step for r in mb)
+    for k in range(STEPS):
+        a, b, want = rows_of(r0['steps'][k]), rows_of(r1['steps'][k]), rows_of(one['steps'][k])
+        assert len(want) == BATCH * ACCUM, f"step {k + 1}: {len(want)} rows"
+        assert a and b, f"step {k + 1}: a process got no row"
+        assert sorted(a + b) == want, f"step {k + 1}: the two processes' rows are not the one-process step's rows"
+        heaviest = max(work([[r]]) for r in a + b)  # dealt heaviest first to the least loaded: loads differ by at most one row's work
+        assert abs(work(r0['steps'][k]) - work(r1['steps'][k])) <= heaviest + 1e-6, f"step {k + 1}: unbalanced"
+
+    # the same training: losses, tokens, rows a step and the adapter's weights
+    assert r0['processes'] == 2 and one['processes'] == 1
+    assert r0['tokens'] == r1['tokens'] == one['tokens'] == sum(len(x) for s in one['steps'] for mb in s for x in mb)
+    assert r0['rows_per_step'] == one['rows_per_step'] == BATCH * ACCUM
+    assert len(r0['losses']) == STEPS and all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(r0['losses'], one['losses'])), (r0['losses'], one['losses'])
+    assert r1['losses'] == r0['losses']
+    w1 = same_adapter(out1, out2, atol=1e-5, rtol=1e-3)
     moved = max((w1[k] - w0).abs().max().item() for k, w0 in load_file(out1/'checkpoint-2'/'adapter_model.safetensors').items())
     assert moved > 1e-3  # the adapter trained between step 2 and the end
-    for k in w1: assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-3), (k, (w1[k] - w2[k]).abs().max())
 
     # only rank 0 writes: the same files as one process; rank 1 wrote only its random state in each checkpoint
     assert files(out2) == files(out1)
@@ -95,46 +121,44 @@ def test_two_processes_train_like_one(tmp_path, tiny):
     # (torch and safetensors write through C++, which the audit hook does not see; the file list above covers them)
     assert any(w.endswith('train_stats.json') or 'train_stats.json' in w for w in r0['writes']), r0['writes']
     text = (out2/'finetune.log').read_text(encoding='utf-8')
-    assert '2 processes' in text and f"step {STEPS}/{STEPS}" in text and '[rank 1]' not in text
+    assert 'on CPU x 2 processes' in text and f"{STEPS} steps x {BATCH * ACCUM} rows" in text
+    assert f"step {STEPS}/{STEPS}" in text and '[rank 1]' not in text
     assert text.count(f"step {STEPS}/{STEPS} | loss") == 1  # progress is logged once, by rank 0
 
     # resume: lose what came after checkpoint-2, as a run stopped there would; two processes finish the same adapter
     shutil.rmtree(out2/'checkpoint-3'); shutil.rmtree(out2/'adapter'); (out2/'train_stats.json').unlink()
     out3, (a0, a1), _ = run_worker(tmp_path, tiny, 2, again=True)
     assert 'resuming from checkpoint-2 (step 2/3)' in (out3/'finetune.log').read_text(encoding='utf-8')
-    assert len(a0['seen']) == len(a1['seen']) == 1 and sorted(a0['seen'][0] + a1['seen'][0]) == sorted(r0['seen'][2] + r1['seen'][2])
-    w3 = load_file(out3/'adapter'/'adapter_model.safetensors')
-    for k in w2: assert torch.allclose(w3[k], w2[k], atol=1e-6), (k, (w3[k] - w2[k]).abs().max())
+    assert len(a0['steps']) == len(a1['steps']) == 1
+    assert (rows_of(a0['steps'][0]), rows_of(a1['steps'][0])) == (rows_of(r0['steps'][2]), rows_of(r1['steps'][2]))
+    same_adapter(out3, out2, atol=1e-6)
 
 
 def test_two_processes_deal_grouped_micro_batches(tmp_path, tiny):
     """PACKING = group: each step's micro-batches are the one-process step's, dealt by work (the heavier to rank 0
     when each takes one); losses and adapter match one process's, across an epoch boundary and a resume."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
     from taide_ft.training import micro_batch_cost
     kw = dict(packing='group', batch=1, seq=64)  # 8 rows make 4 micro-batches of 1-3 rows: an epoch is 2 steps
     out1, (one,), _ = run_worker(tmp_path, tiny, 1, **kw)
     out2, (r0, r1), _ = run_worker(tmp_path, tiny, 2, **kw)
     mb = lambda rows: tuple(sorted(map(tuple, rows)))  # a micro-batch, as its rows
-    assert len(one['seen']) == STEPS * ACCUM and len(r0['seen']) == len(r1['seen']) == STEPS
-    sizes = {len(x) for x in one['seen']}
+    assert len(one['steps']) == len(r0['steps']) == len(r1['steps']) == STEPS
+    assert all(len(s) == ACCUM for s in one['steps']) and all(len(s) == 1 for s in r0['steps'] + r1['steps'])
+    sizes = {len(x) for s in one['steps'] for x in s}
     assert len(sizes) > 1, sizes  # micro-batches of several sizes: there is work to deal
-    cfg = AutoConfig.from_pretrained(tiny)
-    work = lambda rows: micro_batch_cost(len(rows), max(map(len, rows)), cfg)
+    config = json.loads((Path(tiny)/'config.json').read_text())
+    work = lambda rows: micro_batch_cost(len(rows), max(map(len, rows)), config)
     for k in range(STEPS):
-        assert sorted([mb(r0['seen'][k]), mb(r1['seen'][k])]) == sorted([mb(one['seen'][2 * k]), mb(one['seen'][2 * k + 1])]), f"step {k + 1}"
-        assert work(r0['seen'][k]) >= work(r1['seen'][k]), f"step {k + 1}: rank 0 got the lighter micro-batch"
+        (a,), (b,) = r0['steps'][k], r1['steps'][k]
+        assert sorted([mb(a), mb(b)]) == sorted(mb(x) for x in one['steps'][k]), f"step {k + 1}"
+        assert work(a) >= work(b), f"step {k + 1}: rank 0 got the lighter micro-batch"
     assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(r0['losses'], one['losses'])), (r0['losses'], one['losses'])
-    w1, w2 = load_file(out1/'adapter'/'adapter_model.safetensors'), load_file(out2/'adapter'/'adapter_model.safetensors')
-    for k in w1: assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-3), (k, (w1[k] - w2[k]).abs().max())
-    assert "dealt to the processes by their work" in (out2/'finetune.log').read_text(encoding='utf-8')
+    same_adapter(out1, out2, atol=1e-5, rtol=1e-3)
+    assert 'on CPU x 2 processes' in (out2/'finetune.log').read_text(encoding='utf-8')
 
     # resume at the start of the second epoch: the same micro-batches, the same adapter
     shutil.rmtree(out2/'checkpoint-3'); shutil.rmtree(out2/'adapter'); (out2/'train_stats.json').unlink()
     out3, (a0, a1), _ = run_worker(tmp_path, tiny, 2, again=True, **kw)
     assert 'resuming from checkpoint-2 (step 2/3)' in (out3/'finetune.log').read_text(encoding='utf-8')
-    assert (mb(a0['seen'][0]), mb(a1['seen'][0])) == (mb(r0['seen'][2]), mb(r1['seen'][2]))
-    w3 = load_file(out3/'adapter'/'adapter_model.safetensors')
-    for k in w2: assert torch.allclose(w3[k], w2[k], atol=1e-6), (k, (w3[k] - w2[k]).abs().max())
+    assert (mb(a0['steps'][0][0]), mb(a1['steps'][0][0])) == (mb(r0['steps'][2][0]), mb(r1['steps'][2][0]))
+    same_adapter(out3, out2, atol=1e-6)

@@ -6,6 +6,7 @@ from taide_ft.config import GGUF_TYPES, load_config
 from taide_ft.export import (ExportError, chat_gguf, check_converter, export_gguf, merge_adapter, read_gguf, verify_gguf,
                              reference_outputs, training_prompts, _modelfile_template)
 from taide_ft.fixtures import smollm2_gguf, tiny_llama, write_jsonl
+from taide_ft.ollama import render_go
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{'instruction': '台灣最高的山是哪一座？', 'output': '玉山，海拔 3952 公尺。'},
@@ -14,75 +15,10 @@ ROWS = [{'instruction': '台灣最高的山是哪一座？', 'output': '玉山�
                       {'role': 'user', 'content': '請用一句話介紹台北。'}, {'role': 'assistant', 'content': '台北是台灣的首都。'}]}]
 
 
-# A Go text/template subset, enough for Ollama chat templates: text, {{ .X }}, if/else/end, range/end, eq/ne/not,
-# and the `{{-` / `-}}` whitespace trimming. Ollama passes the system prompt as .System and also as a system message.
-def _lex(tpl):
-    parts, pos = [], 0
-    for m in re.finditer(r'{{(-?)\s*(.*?)\s*(-?)}}', tpl, re.S):
-        text = tpl[pos:m.start()]
-        parts.append(['text', text.rstrip() if m.group(1) else text])
-        parts.append(['act', m.group(2), bool(m.group(3))])
-        pos = m.end()
-    parts.append(['text', tpl[pos:]])
-    for i, p in enumerate(parts):
-        if p[0] == 'act' and p[2]: parts[i + 1][1] = parts[i + 1][1].lstrip()
-    return parts
-
-
-def _parse(parts, i=0, stop=()):
-    nodes = []
-    while i < len(parts):
-        kind, text = parts[i][0], parts[i][1]
-        if kind == 'text': nodes.append(('text', text)); i += 1; continue
-        word = text.split()[0]
-        if word in stop: return nodes, i
-        if word == 'if':
-            body, i = _parse(parts, i + 1, ('else', 'end')); other = []
-            if parts[i][1] == 'else': other, i = _parse(parts, i + 1, ('end',))
-            nodes.append(('if', text[2:].strip(), body, other)); i += 1
-        elif word == 'range':
-            body, i = _parse(parts, i + 1, ('end',)); nodes.append(('range', text[5:].strip(), body)); i += 1
-        else: nodes.append(('expr', text)); i += 1
-    return nodes, i
-
-
-def _eval(expr, dot):
-    toks = re.findall(r'"[^"]*"|\S+', expr)
-    def val(t):
-        if t.startswith('"'): return t[1:-1]
-        if t == '.': return dot
-        if t.startswith('.'): return dot[t[1:]]
-        raise NotImplementedError(t)
-    if toks[0] in ('eq', 'ne'): return (val(toks[1]) == val(toks[2])) == (toks[0] == 'eq')
-    if toks[0] == 'not': return not val(toks[1])
-    assert len(toks) == 1, expr
-    return val(toks[0])
-
-
-def go_render(tpl, data):
-    def run(nodes, dot):
-        out = []
-        for n in nodes:
-            if n[0] == 'text': out.append(n[1])
-            elif n[0] == 'expr': out.append(str(_eval(n[1], dot)))
-            elif n[0] == 'if': out.append(run(n[2] if _eval(n[1], dot) else n[3], dot))
-            else: out += [run(n[2], item) for item in _eval(n[1], dot)]
-        return ''.join(out)
-    return run(_parse(_lex(tpl))[0], data)
-
-
-def test_go_template_subset():
-    tpl = '{{- if .System }}S:{{ .System }}\n{{ end }}\n{{- range .Messages }}{{ if eq .Role "user" }}U{{ else }}A{{ end }}:{{ .Content }};{{- end }}'
-    msgs = [{'Role': 'user', 'Content': 'a'}, {'Role': 'assistant', 'Content': 'b'}]
-    assert go_render(tpl, {'System': 'x', 'Messages': msgs}) == 'S:x\nU:a;A:b;'
-    assert go_render(tpl, {'System': '', 'Messages': msgs[:1]}) == 'U:a;'
-
-
 def _ollama_ids(modelfile, tok, gguf_path, chat):
     "Token ids Ollama would feed llama.cpp for `chat`: the Modelfile's TEMPLATE rendered, then llama.cpp's tokenizer."
     import llama_cpp
-    system = '\n\n'.join(m['content'] for m in chat if m['role'] == 'system')
-    text = go_render(_modelfile_template(modelfile), {'System': system, 'Messages': [{'Role': m['role'], 'Content': m['content']} for m in chat]})
+    text = render_go(_modelfile_template(modelfile), '', chat)  # a request that brings its own system message, as Ollama gets it
     llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
     return llm.tokenize(text.encode(), add_bos=read_gguf(gguf_path)['add_bos'], special=True)
 
@@ -119,16 +55,22 @@ def _check_export(res, cfg, names):
         assert p.stat().st_size == f['bytes'] and hashlib.sha256(p.read_bytes()).hexdigest() == f['sha256']
     assert set(man['stages']) == {'convert', 'quantize', 'verify'} and man['merge'] == 'inside the conversion'
     assert not (out/'export-src').exists() and not (out/'merged').exists()  # no copy of the model is left behind
-    assert all(s['seconds'] > 0 and s['peak_rss_mb'] > 100 and s['stage_peak_rss_mb'] > 100 for s in man['stages'].values())
-    st = list(man['stages'].values()); assert all(a['peak_rss_mb'] <= b['peak_rss_mb'] for a, b in zip(st, st[1:]))
+    # each stage's own time and peaks: this process's resident memory (measured afresh for each stage), the GPU's (none
+    # here) and the largest llama.cpp subprocess (the quantizer, the verifier; the conversion runs in this process)
+    for s in man['stages'].values():
+        assert set(s) == {'seconds', 'peak_rss_mb', 'peak_gpu_mb', 'llama_cpp_peak_rss_mb'}, s
+        assert s['seconds'] > 0 and s['peak_rss_mb'] > 100 and s['peak_gpu_mb'] is None, s
+    assert man['stages']['convert']['llama_cpp_peak_rss_mb'] is None
     assert man['stages']['quantize']['llama_cpp_peak_rss_mb'] > 10 and man['stages']['verify']['llama_cpp_peak_rss_mb'] > 10
+    assert json.loads(res.report_path.read_text())['stages'] == man['stages']
     assert 'QUANTIZATION_METHOD = f16,q4_k_m' in man['config'] and man['versions']['llama_cpp_python']
     assert man['train_stats'] == {'steps': 2, 'final_loss': 1.23}
     assert man['disk']['estimate']['total'] > man['disk']['estimate']['q4_k_m'] > 0
     assert not list(out.glob('.*.tmp')) and not list(out.glob('*.tmp'))
     mf = res.modelfile.read_text(encoding='utf-8')
-    assert mf.splitlines()[2] == f"FROM ./{names['f16']}" and f'SYSTEM """{cfg.data.system_prompt}"""' in mf
-    assert (out/'Modelfile.q4_k_m').read_text(encoding='utf-8').splitlines()[2] == f"FROM ./{names['q4_k_m']}"
+    froms = lambda text: [l for l in text.splitlines() if l.startswith('FROM ')]
+    assert froms(mf) == [f"FROM ./{names['f16']}"] and f'SYSTEM """{cfg.data.system_prompt}"""' in mf
+    assert froms((out/'Modelfile.q4_k_m').read_text(encoding='utf-8')) == [f"FROM ./{names['q4_k_m']}"]
     return f16, q4, man
 
 
@@ -179,16 +121,31 @@ def test_merge_changes_the_model(llama_export, tmp_path):
     assert (a[k] - b[k]).abs().max() > 1e-2 and (a['model.norm.weight'] == b['model.norm.weight']).all()
 
 
-def test_merge_from_a_gguf_base_with_an_adapter_without_tokenizer(llama_export, tmp_path):
-    "A `.gguf` base is dequantized into the merged folder, and its own tokenizer is used when the adapter has none."
+def test_no_adapter_is_a_clear_error(tmp_path):
+    "export_gguf and merge_adapter without a trained adapter: ExportError (a TaideError) naming the missing file, at once."
+    from taide_ft.config import TaideError
+    base = tiny_llama(tmp_path/'base')
+    cfg = _config(tmp_path, base)
+    for call in (lambda: export_gguf(cfg), lambda: merge_adapter(cfg, cfg.output_dir/'adapter', tmp_path/'merged')):
+        with pytest.raises(ExportError) as e: call()
+        assert isinstance(e.value, TaideError) and e.value.exit_code == 1
+        assert f"`{cfg.output_dir/'adapter'/'adapter_config.json'}` is missing: no trained adapter there" in str(e.value)
+    assert not (tmp_path/'merged').exists() and not list(tmp_path.rglob('*.gguf'))  # nothing was converted
+
+
+def test_merge_from_a_gguf_base_with_an_adapter_without_tokenizer(llama_export, tmp_path, monkeypatch):
+    "A `.gguf` base is dequantized (once, into ~/.cache/taide_ft/gguf), and its own tokenizer is used when the adapter has none."
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
     from taide_ft.export import convert_to_gguf
     cfg, res = llama_export
+    monkeypatch.setenv('HOME', str(tmp_path/'home'))  # the dequantized copy (130 MB) goes to this test's own folder
     base_gguf = convert_to_gguf(cfg.model.base_model_name, tmp_path/'base-f32.gguf', 'f32')
     adapter = tmp_path/'adapter'; adapter.mkdir()
     for f in ('adapter_config.json', 'adapter_model.safetensors'): shutil.copy(cfg.output_dir/'adapter'/f, adapter/f)
     merged = merge_adapter(load_config(None, check_files=False, base_model_name=str(base_gguf)), adapter, tmp_path/'merged')
+    (cached,) = (tmp_path/'home'/'.cache'/'taide_ft'/'gguf').glob('base-f32-*')
+    assert (cached/'config.json').is_file() and (cached/'model.safetensors').is_file()
     tok = AutoTokenizer.from_pretrained(merged)
     assert tok('台灣').input_ids == AutoTokenizer.from_pretrained(cfg.model.base_model_name)('台灣').input_ids
     want = merge_adapter(cfg, cfg.output_dir/'adapter', tmp_path/'merged-from-folder')

@@ -131,40 +131,45 @@ def run_stage(name):
     import shutil; shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a fresh run each time, no resume
     setup_logging(cfg.output_dir)
     print(f"stage {name}: {cmd}")
+    from taide_ft.environment import make_plan
     from taide_ft.model import load_model, add_lora
     from taide_ft.dataset import build_dataset
     from taide_ft.training import train
-    t = time.time(); model, tok = load_model(cfg); load_s = time.time() - t
+    plan = make_plan(cfg)  # decided once: backend, 4-bit, micro-batches, checkpointing
+    print(repr(plan))
+    t = time.time(); model, tok = load_model(cfg, plan); load_s = time.time() - t
     four_bit = any(type(m).__name__ == 'Linear4bit' for m in model.modules())
     data = build_dataset(cfg, tok)
-    model = add_lora(model, cfg)
-    stats = train(cfg, model, tok, data)
-    first = stats.log_history[0]['loss']
-    logged = (cfg.output_dir/'finetune.log').read_text(errors='replace')
-    batches = (re.findall(r'batches: ([\w-]+)', logged) or [None])[-1]
-    gc_line = (re.findall(r'gradient checkpointing (.*)', logged) or [None])[-1]
+    model = add_lora(model, cfg, plan)
+    stats = train(cfg, plan, model, tok, data)
+    first = next(h['loss'] for h in stats.log_history if 'loss' in h)
+    B, G = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
     res = dict(stage=name, backend=stats.backend, four_bit=four_bit, steps=stats.steps, first_loss=round(first, 4),
                final_loss=round(stats.final_loss, 4), tokens=stats.tokens, tokens_per_s=stats.tokens_per_s,
                steady_tokens_per_s=stats.steady_tokens_per_s, peak_reserved_gib=round(stats.peak_mem_gib, 2),
                peak_allocated_gib=round(torch.cuda.max_memory_allocated()/2**30, 2), load_s=round(load_s, 1),
                train_s=stats.runtime_s, wall_s=round(time.time() - t_start, 1), gpu=stats.device,
                rows=data.stats['rows'], mean_len=round(data.stats['mean_length']), max_len=data.stats['max_length'],
-               batches=batches, checkpointing=str(getattr(model, '_taide_ft_checkpointing', None)), checkpointing_log=gc_line)
+               batches=plan.batches, padding_free=plan.padding_free, micro_tokens=plan.micro_tokens,
+               rows_per_step=stats.rows_per_step, micro_batches_per_step=stats.micro_batches_per_step,
+               checkpointing=str(plan.checkpointing), memory=plan.memory)
     print('GPU_RESULT ' + json.dumps(res))
     want_backend = 'transformers' if name == 'small-transformers' else 'unsloth'
     problems = [p for ok, p in [
-        (stats.backend == want_backend, f"backend {stats.backend}, wanted {want_backend}"),
-        (four_bit, "the base is not in 4 bits"),
+        (plan.backend == stats.backend == want_backend, f"backend {plan.backend}/{stats.backend}, wanted {want_backend}"),
+        (plan.device == 'cuda' and plan.load_in_4bit and four_bit, "the base is not in 4 bits"),
         (stats.steps == cfg.train.max_steps, f"{stats.steps} steps, wanted {cfg.train.max_steps}"),
         (math.isfinite(stats.final_loss), f"final loss {stats.final_loss}"),
+        (stats.first_eval_loss is None and stats.eval_loss is None, "eval loss without eval rows"),
         (not name.startswith('small') or stats.final_loss < first, f"loss did not fall: {first} -> {stats.final_loss}"),
         ((cfg.output_dir/'adapter'/'adapter_model.safetensors').is_file(), "no adapter saved"),
-        # PACKING = auto: on a GPU, rows of similar length grouped into micro-batches of B x N tokens, on both backends
-        (batches == 'grouped', f"batches {batches}"),
-        (gc_line is not None, "no gradient checkpointing decision logged"),
+        # PACKING = auto: a step is B x G rows (every step here is whole), sorted into as few micro-batches as fit
+        (plan.batches == 'sorted' and plan.rows_per_step == B * G, f"plan: batches {plan.batches}, {plan.rows_per_step} rows a step"),
+        (stats.rows_per_step == B * G, f"{stats.rows_per_step} rows a step, wanted {B * G}"),
+        (1 <= stats.micro_batches_per_step <= B * G, f"{stats.micro_batches_per_step} micro-batches a step"),
+        (plan.micro_tokens >= cfg.model.max_seq_length and bool(plan.memory), f"plan: micro_tokens {plan.micro_tokens}, memory {plan.memory!r}"),
         # tokens are real tokens: at most what the steps can hold (B x G x N each)
-        (0 < stats.tokens <= stats.steps * cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
-         * cfg.model.max_seq_length, f"{stats.tokens} tokens counted in {stats.steps} steps"),
+        (0 < stats.tokens <= stats.steps * B * G * cfg.model.max_seq_length, f"{stats.tokens} tokens counted in {stats.steps} steps"),
         (name != '8b-unsloth' or stats.peak_mem_gib < 40, f"peak {stats.peak_mem_gib:.1f} GiB for a 4-bit 8B"),
     ] if not ok]
     for p in problems: print(f"CHECK FAILED ({name}): {p}")
@@ -172,7 +177,7 @@ def run_stage(name):
 
 
 # ---- one process per stage ----
-_KEEP = re.compile(r'^(stage |step |training |loaded |LoRA |gradient checkpointing |batches: |saved the|resuming|dataset:|built |note:|GPU_RESULT|CHECK FAILED|Traceback|\w*Error|  File )')
+_KEEP = re.compile(r'^(stage |step |training |loaded |LoRA |backend |precision |a step |checkpointing |saved the|resuming|dataset:|built |note:|GPU_RESULT|CHECK FAILED|Traceback|\w*Error|  File )')
 
 DEADLINE = time.time() + float(os.environ.get('TAIDE_FT_GPU_BUDGET', '560'))  # stop stages before the caller's limit
 
@@ -212,7 +217,8 @@ def main():
         rc, res = finish(spawn('8b-unsloth', timeout=360), '8b-unsloth')
         (results.append(res) if res else None); (failed.append('8b-unsloth') if rc != 0 else None)
     cols = ['stage', 'backend', 'steps', 'first_loss', 'final_loss', 'tokens_per_s', 'steady_tokens_per_s',
-            'peak_reserved_gib', 'peak_allocated_gib', 'load_s', 'train_s', 'mean_len', 'max_len', 'batches', 'checkpointing']
+            'peak_reserved_gib', 'peak_allocated_gib', 'load_s', 'train_s', 'mean_len', 'max_len', 'batches', 'padding_free',
+            'micro_batches_per_step', 'checkpointing']
     print(f"\n==== summary ({time.time() - t0:.0f} s, {results[0]['gpu'] if results else ''}) ====")
     print(' | '.join(cols))
     for r in results: print(' | '.join(str(r.get(c)) for c in cols))

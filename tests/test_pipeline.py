@@ -1,5 +1,5 @@
-"The pipeline notebook end to end through papermill, on a tiny Llama with the real Llama 3 tokenizer."
-import json, os, subprocess, sys
+"The pipeline notebook end to end through papermill, and `taide-ft run` / `export` from a terminal (its errors too), on a tiny Llama with the real Llama 3 tokenizer."
+import json, os, re, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -39,12 +39,25 @@ def run(tmp_path_factory):
     return d, out, d/'outputs'
 
 
+def cell_text(cell):
+    "What a cell printed or displayed."
+    return ''.join(''.join(o.get('text', '')) + ''.join(o.get('data', {}).get('text/plain', '')) for o in cell.get('outputs', []))
+
+
 def test_executed_notebook_has_no_errors(run):
-    _, out, _ = run
+    _, out, outputs = run
     nb = json.loads(out.read_text())
     assert not [o for c in nb['cells'] for o in c.get('outputs', []) if o.get('output_type') == 'error']
     injected = [c for c in nb['cells'] if 'injected-parameters' in c['metadata'].get('tags', [])]
     assert len(injected) == 1 and 'MAX_STEPS = 3' in ''.join(injected[0]['source'])
+    # the environment cell makes the plan once and shows it; the later stages take it
+    (env,) = [c for c in nb['cells'] if ''.join(c['source']).splitlines()[-2:] == ['plan = start(cfg)', 'plan']]
+    shown = cell_text(env)
+    assert 'backend       transformers' in shown and 'a step        2 rows; micro-batches sorted' in shown, shown
+    code = '\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'code')
+    assert all(f in code for f in ('load_model(cfg, plan)', 'add_lora(model, cfg, plan)', 'train(cfg, plan, model, tok, data)'))
+    log = (outputs/'finetune.log').read_text()
+    assert 'Configuration (' in log and 'Environment\n' in log and re.search(r'^a step +2 rows', log, re.M)  # start(cfg) logged both
 
 
 def test_outputs_manifest_gguf_modelfile(run):
@@ -91,20 +104,90 @@ def test_bad_parameter_fails_first_with_the_config_message(tmp_path):
     assert 'Traceback' not in text
 
 
+def test_unknown_parameter_fails_in_the_config_cell(tmp_path):
+    "A mistyped `-p` is not ignored: the config cell stops with a ConfigError naming it (papermill only warns)."
+    out = tmp_path/'unknown.ipynb'
+    r = subprocess.run([sys.executable, '-m', 'papermill', str(NB), str(out), '--cwd', str(ROOT/'nbs'),
+                        '-p', 'NO_SUCH_PARAM', '1', '-p', 'MAX_STEP', '3'], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    nb = json.loads(out.read_text())
+    errs = [(i, o) for i, c in enumerate(nb['cells']) for o in c.get('outputs', []) if o.get('output_type') == 'error']
+    assert len(errs) == 1
+    i, err = errs[0]
+    assert 'cfg = load_config' in ''.join(nb['cells'][i]['source'])
+    assert err['ename'] == 'ConfigError'
+    text = '\n'.join(err['traceback'])
+    assert text.startswith('ConfigError: papermill: 2 problems:') and 'Traceback' not in text
+    assert 'papermill: unknown parameter `NO_SUCH_PARAM`. Parameters are CONFIG and the keys of config.ini' in text
+    assert 'papermill: unknown parameter `MAX_STEP` (did you mean `MAX_STEPS`?)' in text
+
+
+def tiny_project(d, rows=8, config="", hidden_size=256):
+    "A tiny Llama, `rows` training rows and a config.ini in `d`; returns the config path."
+    from taide_ft.fixtures import tiny_llama
+    tiny_llama(d/'tiny', hidden_size=hidden_size, num_hidden_layers=2)
+    data = [{"instruction": f"第 {i} 題：台灣最長的河流是哪一條？", "output": "台灣最長的河流是濁水溪。"} for i in range(rows)]
+    (d/'train_data.jsonl').write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in data), encoding='utf-8')
+    (d/'config.ini').write_text("[Model]\nBASE_MODEL_NAME = tiny\nNEW_MODEL_NAME = test/cli\nMAX_SEQ_LENGTH = 128\n" + config, encoding='utf-8')
+    return d/'config.ini'
+
+
+def taide_ft(*args, **kw):
+    return subprocess.run([sys.executable, '-m', 'taide_ft', *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def test_cli_run_without_the_base_model(tmp_path):
+    "A BASE_MODEL_NAME that is not there: `ConfigError` and what to give instead, exit 2, the same in finetune.log, no traceback."
+    ini = tmp_path/'config.ini'
+    (tmp_path/'train_data.jsonl').write_text('{"instruction": "q", "output": "a"}\n', encoding='utf-8')
+    ini.write_text("[Model]\nBASE_MODEL_NAME = ./no-such-model\n", encoding='utf-8')
+    r = taide_ft('run', '--config', ini, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    msg = (f"ConfigError: {ini}: 1 problem:\n  - [Model] BASE_MODEL_NAME: `{tmp_path/'no-such-model'}` does not exist. "
+           "Give a hub id, a model folder or a .gguf file.")
+    assert msg in r.stdout and 'Traceback' not in out, out
+    log = (tmp_path/'outputs'/'finetune.log').read_text(encoding='utf-8')
+    assert re.search(r'^\S+ \S+ ERROR   ' + re.escape(msg), log, re.M), log[-2000:]
+    assert not (tmp_path/'outputs'/'adapter').exists()
+
+
+def test_cli_export_without_an_adapter(tmp_path):
+    "`taide-ft export` before any run: says there is no adapter and how to make one, exit 2, no traceback."
+    ini = tiny_project(tmp_path, hidden_size=64)
+    r = taide_ft('export', '--config', ini, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    msg = f"ConfigError: {ini}: 1 problem:\n  - no trained adapter in {tmp_path/'outputs'/'adapter'}: run `taide-ft run --config {ini}` first"
+    assert msg in r.stdout and 'Traceback' not in out, out
+    assert msg in (tmp_path/'outputs'/'finetune.log').read_text(encoding='utf-8')
+    assert not list((tmp_path/'outputs').glob('*.gguf'))
+
+
+def test_cli_run_with_bad_data(tmp_path):
+    "Bad training data in `taide-ft run`: the rows' problems, exit 1, in finetune.log, no traceback."
+    ini = tiny_project(tmp_path, hidden_size=64)
+    with open(tmp_path/'train_data.jsonl', 'a', encoding='utf-8') as f: f.write('{"instruction": "q"}\n')
+    r = taide_ft('run', '--config', ini, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and 'Traceback' not in out, out
+    assert 'DataError: 1 bad row:\n  - train_data.jsonl line 9: missing `output`\nFix these rows' in r.stdout, out
+    assert 'train_data.jsonl line 9: missing `output`' in (tmp_path/'outputs'/'finetune.log').read_text(encoding='utf-8')
+
+
 def test_cli_run_does_the_same_stages(tmp_path):
     "`taide-ft run` trains, exports, verifies and chats, with the same log and files as the notebook."
-    from taide_ft.fixtures import tiny_llama
-    tiny_llama(tmp_path/'tiny', hidden_size=256, num_hidden_layers=2)
-    rows = [{"instruction": f"第 {i} 題：台灣最長的河流是哪一條？", "output": "台灣最長的河流是濁水溪。"} for i in range(8)]
-    (tmp_path/'train_data.jsonl').write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows), encoding='utf-8')
-    (tmp_path/'config.ini').write_text("[Model]\nBASE_MODEL_NAME = tiny\nNEW_MODEL_NAME = test/cli\nMAX_SEQ_LENGTH = 128\n", encoding='utf-8')
-    r = subprocess.run([sys.executable, '-m', 'taide_ft', 'run', '--config', str(tmp_path/'config.ini'),
-                        '--set', 'Training.MAX_STEPS=2', '--set', 'Training.WARMUP_STEPS=0', '--set', 'Training.SAVE_STEPS=0',
-                        '--set', 'Training.GRADIENT_ACCUMULATION_STEPS=1'], capture_output=True, text=True, timeout=900)
+    ini = tiny_project(tmp_path)
+    r = taide_ft('run', '--config', ini, '--set', 'Training.MAX_STEPS=2', '--set', 'Training.WARMUP_STEPS=0', '--set', 'Training.SAVE_STEPS=0',
+                 '--set', 'Training.GRADIENT_ACCUMULATION_STEPS=1', timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     out = tmp_path/'outputs'
     log = (out/'finetune.log').read_text()
     assert 'step 2/2' in log and 'Chat with cli-q4_k_m.gguf' in log and 'ollama create test/cli -f Modelfile' in log
+    stages = ['Configuration (', 'Environment\n', 'loaded ', 'dataset: 8 train rows', 'LoRA r=16', 'training with transformers on CPU, float32: 2 steps x 2 rows',
+              'training done:', 'convert: started', 'verify: ', 'export: done', 'Chat with ', 'Run it in Ollama']
+    at = [log.find(x) for x in stages]
+    assert -1 not in at and at == sorted(at), dict(zip(stages, at))  # fine_tune's stages, in order
     assert (out/'cli-q4_k_m.gguf').is_file() and (out/'Modelfile').is_file()
     assert all(v['passed'] for v in json.loads((out/'manifest.json').read_text())['verification'].values())
 
@@ -112,20 +195,18 @@ def test_cli_run_does_the_same_stages(tmp_path):
 def test_cli_run_on_two_processes(tmp_path):
     """`torchrun --nproc-per-node 2 -m taide_ft run` (gloo on CPU): both processes train, one step is the batch of one
     process, and rank 0 alone logs and exports."""
-    from taide_ft.fixtures import tiny_llama
-    tiny_llama(tmp_path/'tiny', hidden_size=256, num_hidden_layers=2)
-    rows = [{"instruction": f"第 {i} 題：台灣最長的河流是哪一條？", "output": "台灣最長的河流是濁水溪。"} for i in range(8)]
-    (tmp_path/'train_data.jsonl').write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows), encoding='utf-8')
-    (tmp_path/'config.ini').write_text("[Model]\nBASE_MODEL_NAME = tiny\nNEW_MODEL_NAME = test/cli\nMAX_SEQ_LENGTH = 128\n", encoding='utf-8')
+    ini = tiny_project(tmp_path)
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node=2', '-m', 'taide_ft', 'run',
-                        '--config', str(tmp_path/'config.ini'), '--set', 'Training.MAX_STEPS=2', '--set', 'Training.WARMUP_STEPS=0',
+                        '--config', str(ini), '--set', 'Training.MAX_STEPS=2', '--set', 'Training.WARMUP_STEPS=0',
                         '--set', 'Training.SAVE_STEPS=0', '--set', 'Training.GRADIENT_ACCUMULATION_STEPS=2'],
                        capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     out = tmp_path/'outputs'
     log = (out/'finetune.log').read_text()
-    assert '2 processes: each takes 2 x 1 rows a step' in log and log.count('step 2/2 | loss') == 1 and '[rank 1]' not in log
-    assert 'Chat with cli-q4_k_m.gguf' in log and (out/'cli-q4_k_m.gguf').is_file()
+    # a step is 2 x 2 rows, as on one process, dealt between the two
+    assert re.search(r'^processes +2$', log, re.M) and 'training with transformers on CPU x 2 processes, float32: 2 steps x 4 rows = 1.00 epochs of 8 rows' in log, log[-3000:]
+    assert log.count('step 2/2 | loss') == 1 and '[rank 1]' not in log
+    assert log.count('Chat with cli-q4_k_m.gguf') == 1 and (out/'cli-q4_k_m.gguf').is_file()  # rank 0 alone exports
     stats = json.loads((out/'train_stats.json').read_text())
-    assert stats['processes'] == 2 and stats['steps'] == 2
+    assert stats['processes'] == 2 and stats['steps'] == 2 and stats['rows_per_step'] == 4
     assert all(v['passed'] for v in json.loads((out/'manifest.json').read_text())['verification'].values())
