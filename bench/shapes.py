@@ -24,11 +24,12 @@ import bench as B  # noqa: E402
 def micro_batches(ds, tok, bucket):
     "The mix workload's grouped micro-batches, padded as the collator pads them, in a seeded random order (not dealt by work)."
     from taide_ft.training import PadCollator, group_rows
-    groups = group_rows(ds, B.BATCH * B.SEQ, B.SEED, bucket)
+    seq = B.seq_of('mix')
+    groups = group_rows(ds['length'], B.BATCH * seq, B.SEED, bucket, seq)
     order = list(range(len(groups)))
     random.Random(B.SEED).shuffle(order)
-    coll = PadCollator(tok.pad_token_id, bucket, companion=True)  # as the trainer's collator on a GPU
-    return [coll([groups[i]]) for i in order]
+    coll = PadCollator(tok.pad_token_id, bucket, seq, companion=True)  # as the trainer's collator on a GPU
+    return [coll([{'input_ids': ds[j]['input_ids'], 'labels': ds[j]['labels']} for j in groups[i]]) for i in order]
 
 
 def timed(model, batch, dev, sync):
@@ -63,7 +64,7 @@ def worker(a):
     save = lambda: Path(a.result).write_text(json.dumps(res, indent=1))
     save()
     t0 = time.perf_counter()
-    setup = B.SetupA(SimpleNamespace(model_dir=a.model_dir, out_root=a.out_root, warmup=a.warmup, steps=a.steps, setup='a'))
+    setup = B.SetupA(SimpleNamespace(model_dir=a.model_dir, out_root=a.out_root, warmup=a.warmup, steps=a.steps, setup='a', workloads=['mix']))
     model, tok, _ = setup.load()
     res['load_seconds'] = round(time.perf_counter() - t0, 1)
     dev = next(p.device for p in model.parameters())
@@ -82,9 +83,9 @@ def worker(a):
         single = {k: v[:1] for k, v in one.items()}  # a micro-batch of one row at a length already run with more rows
         res['probe_one_row'] = [record(model, single, dev, sync) for _ in range(2)]
         from taide_ft.training import bucket_length
-        fresh = next((n for n in range(64, B.SEQ, 8) if n not in {s[1] for s in seen} and n == bucket_length(n, a.bucket)), None)
+        fresh = next((n for n in range(64, B.seq_of('mix'), 8) if n not in {s[1] for s in seen} and n == bucket_length(n, a.bucket)), None)
         if fresh is None: res['status'] = 'ok'; return save()
-        ids = torch.randint(0, B.TOKEN_HI, (max(2, B.BATCH * B.SEQ // fresh), fresh))
+        ids = torch.randint(0, B.TOKEN_HI, (max(2, B.BATCH * B.seq_of('mix') // fresh), fresh))
         mask, labels = torch.ones_like(ids), ids.clone()
         mask[-1, fresh // 2:], labels[-1, fresh // 2:] = 0, -100  # the last row padded, as grouped micro-batches are
         new = dict(input_ids=ids, attention_mask=mask, labels=labels)  # a length no micro-batch had
@@ -167,7 +168,7 @@ def main(argv=None):
     p.add_argument('--steps', type=int, default=10, help="steps in the totals (default 10)")
     p.add_argument('--budget', type=float, default=480, help="seconds; processes that would start later are skipped (default 480)")
     p.add_argument('--out', help="the JSON report (default shapes-DATE.json)")
-    p.add_argument('--max-length', type=int, default=B.SEQ, help=f"tokens a row at most (default {B.SEQ}; lower only for quick checks)")
+    p.add_argument('--max-length', type=int, default=B.seq_of('mix'), help=f"tokens a row at most (default {B.seq_of('mix')}; lower only for quick checks)")
     p.add_argument('--work', help="where the processes' logs and results go (default a new temporary folder)")
     p.add_argument('--out-root', type=Path, default=Path('/dev/shm/bench-out'), help=argparse.SUPPRESS)
     p.add_argument('--_worker', dest='worker', action='store_true', help=argparse.SUPPRESS)
@@ -175,7 +176,7 @@ def main(argv=None):
     p.add_argument('--rank', type=int, help=argparse.SUPPRESS)
     p.add_argument('--result', help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    B.SEQ = a.max_length
+    B.MAX_LENGTH = a.max_length
     a.buckets = [int(x) for x in str(a.buckets).split(',') if x.strip()]
     if not a.worker: a.attention = [x.strip() for x in a.attention.split(',') if x.strip()]
     if set([a.attention] if a.worker else a.attention) - {'cudnn', 'efficient'}: p.error("--attention takes cudnn and efficient")

@@ -32,8 +32,10 @@ def _wrap(obj, name, label):
 
 def annotate(trainer):
     "Mark the phases of `trainer`'s steps for the profiler (instance attributes only; the class is untouched)."
-    for obj, name, label in ((trainer, 'get_batch_samples', 'fetch'), (trainer, 'training_step', 'micro-batch'),
-                             (trainer, 'compute_loss', 'forward'), (trainer.accelerator, 'backward', 'backward'),
+    # taide_ft's trainer runs all of a step's micro-batches in one training_step and calls the model itself, not compute_loss
+    forward = (trainer.model, 'forward', 'forward') if hasattr(trainer, 'steps_data') else (trainer, 'compute_loss', 'forward')
+    for obj, name, label in ((trainer, 'get_batch_samples', 'fetch'), (trainer, 'training_step', 'training_step'),
+                             forward, (trainer.accelerator, 'backward', 'backward'),
                              (trainer.accelerator, 'clip_grad_norm_', 'clip'), (trainer, '_maybe_log_save_evaluate', 'log'),
                              (trainer.callback_handler, 'on_step_end', 'callbacks'), (trainer, 'data_collator', 'collate')):
         _wrap(obj, name, label)
