@@ -88,17 +88,22 @@ def test_gguf_loads_in_llama_cpp_and_verification_passed(run):
     assert len(llm.tokenize('台灣'.encode())) > 0
 
 
-def test_bad_parameter_fails_first_with_the_config_message(tmp_path):
+def config_cell_error(tmp_path, *params):
+    "Run the pipeline notebook with papermill `params`; the one error it stops with: (its class, its text), asserting it is in the config cell."
     out = tmp_path/'bad.ipynb'
-    r = subprocess.run([sys.executable, '-m', 'papermill', str(NB), str(out), '--cwd', str(ROOT/'nbs'),
-                        '-p', 'R', 'sixteen', '-p', 'MAX_STEPS', '0'], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, '-m', 'papermill', str(NB), str(out), '--cwd', str(ROOT/'nbs'), *params],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     nb = json.loads(out.read_text())
     errs = [(i, o) for i, c in enumerate(nb['cells']) for o in c.get('outputs', []) if o.get('output_type') == 'error']
     assert len(errs) == 1
     i, err = errs[0]
     assert 'cfg = load_config' in ''.join(nb['cells'][i]['source'])
-    text = '\n'.join(err['traceback'])
+    return err['ename'], '\n'.join(err['traceback'])
+
+
+def test_bad_parameter_fails_first_with_the_config_message(tmp_path):
+    _, text = config_cell_error(tmp_path, '-p', 'R', 'sixteen', '-p', 'MAX_STEPS', '0')
     assert "[LoRA] R = 'sixteen' (papermill): must be a whole number ≥ 1" in text
     assert "[Training] MAX_STEPS = 0 (papermill): must be ≥ 1" in text
     assert 'Traceback' not in text
@@ -106,17 +111,8 @@ def test_bad_parameter_fails_first_with_the_config_message(tmp_path):
 
 def test_unknown_parameter_fails_in_the_config_cell(tmp_path):
     "A mistyped `-p` is not ignored: the config cell stops with a ConfigError naming it (papermill only warns)."
-    out = tmp_path/'unknown.ipynb'
-    r = subprocess.run([sys.executable, '-m', 'papermill', str(NB), str(out), '--cwd', str(ROOT/'nbs'),
-                        '-p', 'NO_SUCH_PARAM', '1', '-p', 'MAX_STEP', '3'], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
-    nb = json.loads(out.read_text())
-    errs = [(i, o) for i, c in enumerate(nb['cells']) for o in c.get('outputs', []) if o.get('output_type') == 'error']
-    assert len(errs) == 1
-    i, err = errs[0]
-    assert 'cfg = load_config' in ''.join(nb['cells'][i]['source'])
-    assert err['ename'] == 'ConfigError'
-    text = '\n'.join(err['traceback'])
+    ename, text = config_cell_error(tmp_path, '-p', 'NO_SUCH_PARAM', '1', '-p', 'MAX_STEP', '3')
+    assert ename == 'ConfigError'
     assert text.startswith('ConfigError: papermill: 2 problems:') and 'Traceback' not in text
     assert 'papermill: unknown parameter `NO_SUCH_PARAM`. Parameters are CONFIG and the keys of config.ini' in text
     assert 'papermill: unknown parameter `MAX_STEP` (did you mean `MAX_STEPS`?)' in text
