@@ -9,24 +9,14 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from .config import RunConfig, write_text
 from .environment import Plan, is_main
+from .model import stop_ids
 
 # %% auto #0
-__all__ = ['log', 'ANSWER_ROWS', 'stop_ids', 'split_chat', 'answer_cap', 'Answers', 'generate', 'score', 'chrf', 'EvalReport',
-           'evaluate']
+__all__ = ['log', 'ANSWER_ROWS', 'split_chat', 'answer_cap', 'Answers', 'generate', 'score', 'chrf', 'EvalReport', 'evaluate']
 
 # %% ../nbs/06_evaluate.ipynb #6f708192
 log = logging.getLogger('taide_ft.evaluate')
 ANSWER_ROWS = 32  # eval rows whose questions are answered before and after: enough to read, and quick on a GPU
-_END_OF_TURN = ('<|eot_id|>', '<|im_end|>', '<|end_of_text|>', '<end_of_turn>', '<|end|>', '<|endoftext|>')
-
-def stop_ids(tokenizer, generation_config=None) -> list:
-    "Token ids that end an answer: end of sequence, and the end-of-turn tokens of the chat formats the tokenizer has."
-    vocab, ids = tokenizer.get_vocab(), {tokenizer.eos_token_id}
-    ids |= {vocab[t] for t in _END_OF_TURN if t in vocab}
-    e = getattr(generation_config, 'eos_token_id', None)
-    ids |= set(e if isinstance(e, list) else [e])
-    return sorted(i for i in ids if i is not None)
-
 def split_chat(chat:list) -> tuple:
     "(the messages before the last answer, the last answer's text) of a chat."
     last = max(i for i, m in enumerate(chat) if m['role'] == 'assistant')

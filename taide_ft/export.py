@@ -12,6 +12,7 @@ from pathlib import Path
 from .config import GGUF_TYPES, RunConfig, TaideError, atomic_path, write_text
 from .environment import (BaseModel, base_folder, disk_need, lib_versions, memory_peaks, quiet, reset_peaks,
                                   resolve_base, _safetensors_params)
+from .model import stop_ids
 from .ollama import derive_template, tokenizer_adds_bos
 
 # %% auto #0
@@ -463,14 +464,6 @@ def training_prompts(cfg:RunConfig, n:int=3) -> list:
     return chats
 
 # %% ../nbs/05_export.ipynb #b07827a6
-def _stop_ids(tok, gen_cfg=None):
-    ids = {tok.eos_token_id}
-    for t in ('<|eot_id|>', '<|im_end|>', '<|end_of_text|>'):
-        if t in tok.get_vocab(): ids.add(tok.convert_tokens_to_ids(t))
-    e = getattr(gen_cfg, 'eos_token_id', None)
-    ids |= set(e if isinstance(e, list) else [e])
-    return sorted(i for i in ids if i is not None)
-
 def reference_outputs(model_dir:str|Path, # model folder: a merged model, or the base with `adapter_dir`
                       prompts:list, # chats: lists of {'role', 'content'} messages
                       max_new_tokens:int=16, # greedy tokens per prompt
@@ -489,7 +482,7 @@ def reference_outputs(model_dir:str|Path, # model folder: a merged model, or the
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     model = model.to(dev).eval()
-    stops, items, threads = _stop_ids(tok, model.generation_config), [], torch.get_num_threads()
+    stops, items, threads = stop_ids(tok, model.generation_config), [], torch.get_num_threads()
     torch.set_num_threads(_threads())
     try: items = [_reference_item(model, tok, msgs, stops, max_new_tokens, dev) for msgs in prompts]
     finally: torch.set_num_threads(threads)

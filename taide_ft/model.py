@@ -10,7 +10,8 @@ from .config import RunConfig
 from .environment import ModelError, Plan, base_folder, context_problem, dist_init, quiet, tune_cpu_memory
 
 # %% auto #0
-__all__ = ['log', 'import_backend', 'set_pad_token', 'load_model', 'linear_module_names', 'check_target_modules', 'add_lora']
+__all__ = ['log', 'import_backend', 'set_pad_token', 'stop_ids', 'load_model', 'linear_module_names', 'check_target_modules',
+           'add_lora']
 
 # %% ../nbs/03_model.ipynb #1463fa81
 log = logging.getLogger('taide_ft.model')  # by name, not __name__, so that the notebook logs as the module does
@@ -56,6 +57,17 @@ def set_pad_token(tokenizer, model=None) -> str|None:
         for c in (model.config, getattr(model, 'generation_config', None)):
             if c is not None: c.pad_token_id = tokenizer.pad_token_id
     return pad
+
+# %% ../nbs/03_model.ipynb #9b0c1d2e
+_END_OF_TURN = ('<|eot_id|>', '<|im_end|>', '<|end_of_text|>', '<end_of_turn>', '<|end|>', '<|endoftext|>')
+
+def stop_ids(tokenizer, generation_config=None) -> list:
+    "Token ids that end an answer: end of sequence, and the end-of-turn tokens of the chat formats the tokenizer has."
+    vocab, ids = tokenizer.get_vocab(), {tokenizer.eos_token_id}
+    ids |= {vocab[t] for t in _END_OF_TURN if t in vocab}
+    e = getattr(generation_config, 'eos_token_id', None)
+    ids |= set(e if isinstance(e, list) else [e])
+    return sorted(i for i in ids if i is not None)
 
 # %% ../nbs/03_model.ipynb #6b6de174
 def _load_transformers(cfg:RunConfig, plan:Plan, folder:Path):
