@@ -96,7 +96,8 @@ def load_tuned(cfg:RunConfig, plan:Plan) -> tuple:
                            "(or point OUTPUT_DIR at the run's folder)."], cfg.path or 'config')
     model, tok = load_model(cfg, plan)
     from peft import PeftModel
-    return PeftModel.from_pretrained(model, str(adapter)), tok
+    from taide_ft.environment import quiet
+    with quiet(): return PeftModel.from_pretrained(model, str(adapter)), tok
 
 def evaluate_saved(cfg:RunConfig):
     "The evaluation of a finished run, again: eval loss and answers with the adapter off and on, and the GGUF's answers."

@@ -206,3 +206,35 @@ def test_cli_run_on_two_processes(tmp_path):
     stats = json.loads((out/'train_stats.json').read_text())
     assert stats['processes'] == 2 and stats['steps'] == 2 and stats['rows_per_step'] == 4
     assert all(v['passed'] for v in json.loads((out/'manifest.json').read_text())['verification'].values())
+
+
+def test_after_a_run_eval_chat_and_export(tmp_path):
+    """What users do after `taide-ft run`, on its outputs: `eval` measures the evaluation again (the same eval loss the
+    run measured, answers before and after, the GGUF's), `chat` answers from the tuned adapter and from the GGUF and
+    leaves on /exit, `export` writes another type; without an adapter `eval` and `chat` say to run `taide-ft run` first."""
+    ini = tiny_project(tmp_path, rows=12, config="[Dataset]\nEVAL_SPLIT = 0.25\n")
+    for cmd in ('eval', 'chat'):
+        r = taide_ft(cmd, '--config', ini, timeout=300)
+        assert r.returncode == 2 and 'no trained adapter in' in r.stdout and 'taide-ft run --config' in r.stdout and 'Traceback' not in r.stderr, r.stdout + r.stderr
+    r = taide_ft('run', '--config', ini, '--set', 'Training.MAX_STEPS=2', '--set', 'Training.WARMUP_STEPS=0', '--set', 'Training.SAVE_STEPS=0',
+                 '--set', 'Training.GRADIENT_ACCUMULATION_STEPS=1', timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = tmp_path/'outputs'
+    first = json.loads((out/'eval_report.json').read_text())
+    assert len(first['rows']) == 3 and first['gguf']['file'] == 'cli-q4_k_m.gguf' and (out/'eval.md').is_file()
+    card = (out/'README.md').read_text()
+    assert '## Evaluation' in card and 'ollama create test/cli -f Modelfile' in card and 'licence' in card
+    (out/'eval_report.json').unlink()
+    r = taide_ft('eval', '--config', ini, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    again = json.loads((out/'eval_report.json').read_text())
+    assert abs(again['eval_loss']['after'] - first['eval_loss']['after']) < 1e-4 * abs(first['eval_loss']['after'])  # the adapter as trained
+    assert [x['after'] for x in again['rows']] == [x['after'] for x in first['rows']] and again['gguf']['file'] == 'cli-q4_k_m.gguf'
+    for args in ([], ['--gguf', out/'cli-q4_k_m.gguf']):
+        r = subprocess.run([sys.executable, '-m', 'taide_ft', 'chat', '--config', str(ini), *map(str, args)], input='台灣最長的河流？\n/exit\nnot read\n',
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        assert r.stdout.count('> ') == 2 and 'not read' not in r.stdout, r.stdout  # one answer, then /exit leaves
+    r = taide_ft('export', '--config', ini, '--set', 'Quantization.QUANTIZATION_METHOD=q8_0', timeout=900)
+    assert r.returncode == 0 and (out/'cli-q8_0.gguf').is_file(), (r.stdout + r.stderr)[-3000:]
+    assert 'FROM ./cli-q8_0.gguf' in (out/'Modelfile').read_text()
