@@ -54,7 +54,7 @@ def setup_logging(output_dir:str|Path|None=None, # folder for finetune.log; None
     "Configure the `taide_ft` logger once: console, plus `output_dir/finetune.log` (rank 0 only; other ranks print warnings)."
     log.setLevel(level); log.propagate = False
     rank = dist_env()[0]
-    if not any(isinstance(h, _Console) for h in log.handlers):
+    if not any(type(h).__name__ == '_Console' for h in log.handlers):  # by name: a notebook that re-runs this cell defines the class anew
         h = _Console()
         h.setFormatter(logging.Formatter('%(message)s' if rank == 0 else f'[rank {rank}] %(message)s'))
         if rank: h.setLevel(logging.WARNING)
