@@ -191,8 +191,7 @@ def _hub_config(name:str) -> dict|None:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     hit = try_to_load_from_cache(name, 'config.json')
     if not isinstance(hit, str):
-        os.environ.setdefault('HF_HUB_ETAG_TIMEOUT', '10'); os.environ.setdefault('HF_HUB_DOWNLOAD_TIMEOUT', '10')
-        try: hit = hf_hub_download(name, 'config.json', token=hf_token())
+        try: hit = hf_hub_download(name, 'config.json', token=hf_token(), etag_timeout=10)
         except Exception: return None
     return json.loads(Path(hit).read_text())
 
