@@ -28,7 +28,7 @@ setuptools.setup(
     install_requires=requirements,
     extras_require={'dev': dev_requirements,
                     # GPU servers: CUDA builds of torch come from the user's own index
-                    'gpu': ['unsloth', 'bitsandbytes']},
+                    'gpu': ['unsloth', 'bitsandbytes', 'torchao']},  # torchao: BASE_PRECISION = fp8
     entry_points={'console_scripts': scripts, 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
 )

@@ -32,6 +32,8 @@ SETUPS = {
                "of up to 2 x MAX_SEQ_LENGTH tokens a step",
     'a-pack': "taide_ft with PACKING = on: rows packed end to end into MAX_SEQ_LENGTH bins, 2 bins a micro-batch, 4 a step",
     'a-lean': "as a, with GRADIENT_CHECKPOINTING = offload (the low-memory mode)",
+    'a-bf16': "as a, with BASE_PRECISION = bf16: 16-bit base weights (LoRA, not QLoRA)",
+    'a-fp8': "as a, with BASE_PRECISION = fp8: FP8 base weights with per-channel scales (Unsloth's load_in_fp8, torchao)",
     'b': "Unsloth Llama 3.1 notebook recipe: FastLanguageModel 4-bit + TRL SFTTrainer",
     'c': "transformers + PEFT + TRL SFTTrainer, bitsandbytes nf4 (double quant, bf16 compute)",
     'c16': "transformers + PEFT + TRL SFTTrainer, bf16 weights (no quantization; not run by default)",
@@ -318,7 +320,7 @@ class SetupA:
         model = add_lora(model, cfg, self.loaded)
         return model, tok, dict(max_seq_length=seq, plan=plan_info(self.loaded), config=dict(
             gradient_checkpointing=cfg.train.gradient_checkpointing, packing=cfg.train.packing, target_modules=cfg.lora.target_modules,
-            r=cfg.lora.r, load_in_4bit=cfg.quant.load_in_4bit, backend=cfg.hardware.backend))
+            r=cfg.lora.r, load_in_4bit=cfg.quant.load_in_4bit, base_precision=cfg.quant.base, backend=cfg.hardware.backend))
 
     def trainer(self, model, tok, ds, workload):
         cfg, plan = self.plan(seq_of(workload), self.a.out_root/f'{self.a.setup}-{workload}')
@@ -405,10 +407,12 @@ class SetupAOff(SetupA): overrides = dict(packing='off')
 class SetupAGroup(SetupA): overrides = dict(packing='group')
 class SetupAPack(SetupA): overrides = dict(packing='on')
 class SetupALean(SetupA): overrides = dict(gradient_checkpointing='offload')
+class SetupABf16(SetupA): overrides = dict(base_precision='bf16')
+class SetupAFp8(SetupA): overrides = dict(base_precision='fp8')
 
 
 SETUP_CLASSES = {'a': SetupA, 'a-padded': SetupAPadded, 'a-off': SetupAOff, 'a-group': SetupAGroup, 'a-pack': SetupAPack,
-                 'a-lean': SetupALean, 'b': SetupB, 'c': SetupC, 'c16': SetupC16}
+                 'a-lean': SetupALean, 'a-bf16': SetupABf16, 'a-fp8': SetupAFp8, 'b': SetupB, 'c': SetupC, 'c16': SetupC16}
 
 
 def _gib(x): return round(x / 2**30, 2)
@@ -823,7 +827,7 @@ def dry_run(a):
               f"the benchmark's b and c setups and the job use {BATCH} x {ACCUM}, {JOB_STEPS}")
     # the model as bench builds it (whether or not it is there yet), on this machine and on an H200 as the plan would see it
     base = BaseModel(str(a.model_dir), 'folder', str(a.model_dir), shape, float(n_params(shape)))
-    h200 = Machine(gpus=(GPU('NVIDIA H200', 139.8, 139.3, (9, 0)),), bf16=True, unsloth=True, bitsandbytes=True, cpus=16,
+    h200 = Machine(gpus=(GPU('NVIDIA H200', 139.8, 139.3, (9, 0)),), bf16=True, unsloth=True, bitsandbytes=True, torchao=True, cpus=16,
                    ram_gib=120.0, cuda_version='12.8', varlen=True)
     for where, machine in (('this machine', probe_machine()), ('an H200 with Unsloth and varlen attention (assumed: 139.3 GiB free)', h200)):
         print(f"\nplans on {where}:")

@@ -61,7 +61,12 @@ class TrainConfig:
 
 @dataclass
 class QuantConfig:
-    load_in_4bit: bool = True  # QLoRA: base weights in 4 bits (CUDA only; full precision elsewhere)
+    load_in_4bit: bool = True  # QLoRA: base weights in 4 bits (CUDA only; full precision elsewhere); BASE_PRECISION = auto follows it
+    base_precision: str = 'auto'  # auto, nf4, bf16 or fp8: the frozen base weights while training (auto: nf4 if LOAD_IN_4BIT, else bf16)
+    @property
+    def base(self) -> str:
+        "The base precision asked for: BASE_PRECISION, or for auto nf4 or bf16 as LOAD_IN_4BIT says."
+        return self.base_precision if self.base_precision != 'auto' else ('nf4' if self.load_in_4bit else 'bf16')
     quantization_method: list = field(default_factory=lambda: ['q4_k_m'])  # GGUF types, comma separated
     gguf_lora_adapter: bool = False  # also write the LoRA adapter alone as GGUF (Ollama `ADAPTER`)
 
@@ -184,6 +189,7 @@ KEYS = [Key(*k) for k in [
     ('Training', 'GRADIENT_CHECKPOINTING', 'train', 'gradient_checkpointing', _choice('auto', 'on', 'off', 'offload'), 'auto, on, off, offload'),
     ('Training', 'PACKING', 'train', 'packing', _choice('auto', 'group', 'on', 'off'), 'auto, group, on, off'),
     ('Quantization', 'LOAD_IN_4BIT', 'quant', 'load_in_4bit', _bool, 'true/false'),
+    ('Quantization', 'BASE_PRECISION', 'quant', 'base_precision', _choice('auto', 'nf4', 'bf16', 'fp8'), 'auto, nf4, bf16, fp8'),
     ('Quantization', 'QUANTIZATION_METHOD', 'quant', 'quantization_method', _gguf_types, 'llama.cpp types, e.g. q4_k_m,q8_0'),
     ('Quantization', 'GGUF_LORA_ADAPTER', 'quant', 'gguf_lora_adapter', _bool, 'true/false'),
     ('Hardware', 'AUTO_FP16_BF16', 'hardware', 'auto_fp16_bf16', _bool, 'true/false'),

@@ -11,11 +11,11 @@ from pathlib import Path
 from .config import ConfigError, RunConfig, TaideError, atomic_path
 
 # %% auto #0
-__all__ = ['log', 'ACT_BYTES', 'FREE_SHARE', 'BITS_PER_WEIGHT', 'dist_env', 'is_main', 'dist_init', 'barrier', 'setup_logging',
-           'quiet', 'GPU', 'Machine', 'probe_machine', 'ModelError', 'hf_token', 'BaseModel', 'params_from_config',
-           'resolve_base', 'context_problem', 'base_folder', 'Plan', 'weights_gib', 'activation_bytes', 'fit_memory',
-           'make_plan', 'disk_need', 'reset_peaks', 'memory_peaks', 'lib_versions', 'EnvReport', 'env_report',
-           'tune_cpu_memory']
+__all__ = ['log', 'ACT_BYTES', 'FREE_SHARE', 'WEIGHT_BYTES', 'BITS_PER_WEIGHT', 'dist_env', 'is_main', 'dist_init', 'barrier',
+           'setup_logging', 'quiet', 'GPU', 'Machine', 'probe_machine', 'ModelError', 'hf_token', 'BaseModel',
+           'params_from_config', 'resolve_base', 'context_problem', 'base_folder', 'Plan', 'weights_gib',
+           'activation_bytes', 'fit_memory', 'make_plan', 'disk_need', 'reset_peaks', 'memory_peaks', 'lib_versions',
+           'EnvReport', 'env_report', 'tune_cpu_memory']
 
 # %% ../nbs/01_environment.ipynb #ba6178a1
 def dist_env() -> tuple:
@@ -102,6 +102,7 @@ class Machine:
     ram_gib: float = 0.0  # memory available
     cuda_version: str|None = None  # CUDA version torch was built with
     varlen: bool = False  # PyTorch's variable-length FlashAttention runs here (padding-free rows kept apart)
+    torchao: bool = False  # torchao is installed (FP8 base weights with Unsloth)
     @property
     def cuda(self) -> bool: return bool(self.gpus)
 
@@ -122,7 +123,8 @@ def probe_machine() -> Machine:
     varlen = (bool(gpus) and gpus[0].capability >= (8, 0) and util.find_spec('torch.nn.attention.varlen') is not None
               and torch.backends.cuda.is_flash_attention_available())
     return Machine(tuple(gpus), bool(gpus) and torch.cuda.is_bf16_supported(), util.find_spec('unsloth') is not None,
-                   util.find_spec('bitsandbytes') is not None, cpus, _ram_gib(), torch.version.cuda, varlen)
+                   util.find_spec('bitsandbytes') is not None, cpus, _ram_gib(), torch.version.cuda, varlen,
+                   util.find_spec('torchao') is not None)
 
 # %% ../nbs/01_environment.ipynb #2db8daaf
 class ModelError(TaideError, ValueError):
@@ -290,6 +292,7 @@ class Plan:
     memory: str  # why checkpointing and micro_tokens are what they are
     base: BaseModel  # the base model
     machine: Machine = field(default_factory=Machine)
+    fp8: bool = False  # base weights in FP8 (e4m3) with per-channel scales, FP8 matrix products
 
     @property
     def torch_dtype(self):
@@ -302,7 +305,7 @@ class Plan:
         step = f"{self.rows_per_step} rows" if self.rows_per_step else 'as many rows as fit'
         cut = 'as few as fit' if self.accumulation is None else f"{self.accumulation} a process"
         cut += ', padding-free' if self.padding_free else ', padded'
-        return [('backend', self.backend), ('precision', self.dtype + (', 4-bit base' if self.load_in_4bit else '')),
+        return [('backend', self.backend), ('precision', self.dtype + (', 4-bit base' if self.load_in_4bit else ', fp8 base' if self.fp8 else '')),
                 ('processes', str(self.processes)),
                 ('a step', f"{step}; micro-batches {self.batches}, {cut}, up to {self.micro_tokens:,} tokens each"),
                 ('checkpointing', f"{gc} ({self.memory})")]
@@ -311,12 +314,14 @@ class Plan:
         return '\n'.join(f"{k:<14}{v}" for k, v in self.rows())
 
 # %% ../nbs/01_environment.ipynb #7e2a9d40
-def weights_gib(base:BaseModel, load_in_4bit:bool, dtype_bytes:int=2) -> float:
-    "GPU memory the base weights take: 4-bit linear layers (NF4 with double-quantized scales) and 16-bit embeddings, or all in `dtype_bytes`."
+WEIGHT_BYTES = {'nf4': 0.5625, 'fp8': 1.0, 'bfloat16': 2, 'float16': 2, 'float32': 4}  # a weight of a linear layer (NF4: with its double-quantized scales)
+
+def weights_gib(base:BaseModel, precision:str='bfloat16') -> float:
+    "GPU memory the base weights take: linear layers in `precision` (nf4, fp8 or a torch dtype) and 16-bit embeddings, or all in the dtype."
     n = base.n_params or 0
-    if not load_in_4bit: return n * dtype_bytes / 2**30
+    if precision not in ('nf4', 'fp8'): return n * WEIGHT_BYTES[precision] / 2**30
     emb = (base.get('vocab_size') or 0) * (base.get('hidden_size') or 0) * (1 if base.get('tie_word_embeddings') else 2)
-    return ((n - emb) * 0.5625 + emb * 2) / 2**30
+    return ((n - emb) * WEIGHT_BYTES[precision] + emb * 2) / 2**30
 
 def activation_bytes(base:BaseModel, checkpointing) -> float:
     "Activation bytes a token of a micro-batch needs: all layers' without checkpointing, each layer's input plus one layer's with it."
@@ -368,6 +373,19 @@ def _share(cfg, world, problems):
                         f"GRADIENT_ACCUMULATION_STEPS / {world} micro-batches a step, so that a step holds what it holds on one GPU. "
                         f"Set it to a multiple of {world}, e.g. {' or '.join(map(str, near))}.")
 
+# %% ../nbs/01_environment.ipynb #04acc3f0
+def _fp8_problem(m, backend, problems):
+    "Say why FP8 base weights cannot train here, if they cannot."
+    fix = "Set [Quantization] BASE_PRECISION = auto (NF4 with LOAD_IN_4BIT = true, else 16-bit)."
+    if not m.cuda:
+        problems.append(f"[Quantization] BASE_PRECISION = fp8 needs an NVIDIA GPU of compute capability 9.0 or newer (H100, H200, Blackwell), and no CUDA GPU is visible here. {fix}")
+    elif m.gpus[0].capability < (9, 0):
+        problems.append(f"[Quantization] BASE_PRECISION = fp8 needs compute capability 9.0 or newer; {m.gpus[0].name} has "
+                        f"{m.gpus[0].capability[0]}.{m.gpus[0].capability[1]}. {fix}")
+    elif backend != 'unsloth' or not m.torchao:
+        problems.append(f"[Quantization] BASE_PRECISION = fp8 trains with Unsloth's FP8 kernels and torchao: run `pip install -e \".[gpu]\"` "
+                        f"(Unsloth, bitsandbytes, torchao) and keep [Hardware] BACKEND = auto. {fix}")
+
 # %% ../nbs/01_environment.ipynb #2a4c6e8f
 _BATCHES = {'auto': 'sorted', 'off': 'padded', 'group': 'grouped', 'on': 'packed'}
 
@@ -381,9 +399,10 @@ def make_plan(cfg:RunConfig, # the run's configuration
     base = base or resolve_base(cfg.model.base_model_name)
     backend, world = _backend(cfg, m, problems), processes or dist_env()[2]
     dtype = 'float32' if not m.cuda or not cfg.hardware.auto_fp16_bf16 else ('bfloat16' if m.bf16 else 'float16')
-    four = cfg.quant.load_in_4bit and m.cuda
+    four, fp8 = cfg.quant.base == 'nf4' and m.cuda, cfg.quant.base == 'fp8'
     if four and backend == 'transformers' and not m.bitsandbytes:
         problems.append("[Quantization] LOAD_IN_4BIT = true needs bitsandbytes on the transformers backend: run `pip install bitsandbytes`, or set LOAD_IN_4BIT = false.")
+    if fp8: _fp8_problem(m, backend, problems)
     _share(cfg, world, problems)
     if problems: raise ConfigError(problems, cfg.path or 'config')
     t, L = cfg.train, cfg.model.max_seq_length
@@ -393,14 +412,14 @@ def make_plan(cfg:RunConfig, # the run's configuration
     if m.cuda:
         want = {'sorted': -(-rows // world) * L if rows else configured}.get(batches, configured)
         gc, micro, why = fit_memory(t.gradient_checkpointing, backend, base, m.gpus[0].free_gib,
-                                    weights_gib(base, four, 4 if dtype == 'float32' else 2), L, want)
+                                    weights_gib(base, 'nf4' if four else 'fp8' if fp8 else dtype), L, want)
         if batches != 'sorted': micro = configured
     else:
         gc, micro = t.gradient_checkpointing in ('on', 'offload'), configured
         why = f"CPU: GRADIENT_CHECKPOINTING = {t.gradient_checkpointing}; a micro-batch holds PER_DEVICE_TRAIN_BATCH_SIZE x MAX_SEQ_LENGTH = {micro:,} tokens"
     accum = None if batches == 'sorted' else t.gradient_accumulation_steps // world
     free = batches == 'packed' or (batches == 'sorted' and backend == 'unsloth' and m.varlen)
-    return Plan(backend, 'cuda' if m.cuda else 'cpu', dtype, four, world, batches, rows, accum, micro, free, gc, why, base, m)
+    return Plan(backend, 'cuda' if m.cuda else 'cpu', dtype, four, world, batches, rows, accum, micro, free, gc, why, base, m, fp8)
 
 # %% ../nbs/01_environment.ipynb #2e34d92c
 BITS_PER_WEIGHT = {'f32': 32, 'f16': 16, 'bf16': 16, 'q8_0': 8.5, 'q6_k': 6.56, 'q5_k_m': 5.7, 'q5_k_s': 5.57,
@@ -493,8 +512,9 @@ def env_report(cfg:RunConfig, # the run's configuration
     try: rep.plan = make_plan(cfg, m, base)
     except ConfigError as e: rep.errors += e.problems
     if rep.plan is not None: rep.rows += rep.plan.rows()
-    if cfg.quant.load_in_4bit and not m.cuda:
-        rep.warnings.append("LOAD_IN_4BIT = true, but there is no CUDA GPU: the base model loads in full precision here (slower, more memory).")
+    if cfg.quant.base == 'nf4' and not m.cuda:
+        what = 'LOAD_IN_4BIT = true' if cfg.quant.base_precision == 'auto' else 'BASE_PRECISION = nf4'
+        rep.warnings.append(f"{what}, but there is no CUDA GPU: the base model loads in full precision here (slower, more memory).")
     _base_rows(cfg, base, rep)
     out = Path(cfg.train.output_dir); q = out
     while not q.exists(): q = q.parent

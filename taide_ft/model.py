@@ -92,6 +92,7 @@ def _load_unsloth(cfg:RunConfig, plan:Plan, folder:Path):
     import torch
     from unsloth import FastLanguageModel
     extra = {'device_map': {'': torch.cuda.current_device()}} if plan.processes > 1 else {}  # this process's GPU
+    if plan.fp8: extra['load_in_fp8'] = True  # Unsloth quantizes the base once (torchao, per-channel scales) into a temporary folder
     return FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=cfg.model.max_seq_length, dtype=plan.torch_dtype,
                                              load_in_4bit=plan.load_in_4bit, trust_remote_code=cfg.model.trust_remote_code, **extra)
 
@@ -117,7 +118,7 @@ def load_model(cfg:RunConfig, # MAX_SEQ_LENGTH and TRUST_REMOTE_CODE
     # 4-bit weights are stored two to a byte, so count their elements twice
     n = sum(p.numel() * (2 if type(p).__name__ == 'Params4bit' else 1) for p in model.parameters())
     log.info(f"loaded {cfg.model.base_model_name} with {plan.backend}: {n/1e6:,.1f} M parameters, "
-             f"{plan.dtype}{', 4-bit base' if plan.load_in_4bit else ''}, on {model.device}")
+             f"{plan.dtype}{', 4-bit base' if plan.load_in_4bit else ', fp8 base' if plan.fp8 else ''}, on {model.device}")
     return model, tok
 
 # %% ../nbs/03_model.ipynb #ff68373f
