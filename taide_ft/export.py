@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_export.ipynb #7cd2f6d0
 from __future__ import annotations
-import base64, contextlib, ctypes, hashlib, json, logging, os, re, shlex, shutil, struct, subprocess, sys, tempfile, time
+import base64, contextlib, ctypes, errno, hashlib, json, logging, os, re, shlex, shutil, struct, subprocess, sys, tempfile, time
 from collections import deque
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -14,12 +14,13 @@ from .environment import (BaseModel, base_folder, disk_need, lib_versions, memor
                                   resolve_base, _safetensors_params)
 from .model import stop_ids
 from .ollama import derive_template, tokenizer_adds_bos
+from .training import DiskFull, LOW_DISK, disk_error, output_lock, writing
 
 # %% auto #0
-__all__ = ['log', 'ExportError', 'ollama_name', 'gguf_name', 'merge_adapter', 'check_converter', 'convert_to_gguf',
+__all__ = ['log', 'AGAIN', 'ExportError', 'ollama_name', 'gguf_name', 'merge_adapter', 'check_converter', 'convert_to_gguf',
            'export_source', 'read_gguf', 'quantize_gguf', 'write_modelfile', 'training_prompts', 'reference_outputs',
-           'verify_gguf', 'check_disk', 'manifest', 'ExportResult', 'convert_lora_to_gguf', 'export_gguf', 'GGUFChat',
-           'chat_gguf']
+           'verify_gguf', 'check_disk', 'manifest', 'ExportResult', 'convert_lora_to_gguf', 'unverified', 'export_gguf',
+           'GGUFChat', 'chat_gguf']
 
 # %% ../nbs/05_export.ipynb #a90e8d9e
 log = logging.getLogger(__name__)
@@ -342,7 +343,10 @@ def read_gguf(path:str|Path) -> dict:
 
 # %% ../nbs/05_export.ipynb #e35bd4bb
 _WORKER = r'''
-import ctypes, json, sys
+import ctypes, json, os, signal, sys
+if sys.platform == "linux":  # PR_SET_PDEATHSIG: end with the process that started this one, even when it is killed
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    if os.getppid() != int(sys.argv[1]): sys.exit(3)  # it ended before that took effect
 import numpy as np
 import llama_cpp
 job = json.load(sys.stdin)
@@ -385,17 +389,21 @@ def _llama_job(job:dict, what:str) -> dict:
     if _dist_version('llama_cpp_python') is None:
         raise ExportError("`llama-cpp-python` is not installed; it provides llama.cpp's quantizer and runtime. Install it (see the README).")
     job = {"nthread": _threads(), **job}
-    p = subprocess.run([sys.executable, '-c', _WORKER], input=json.dumps(job), capture_output=True, text=True)
+    p = subprocess.run([sys.executable, '-c', _WORKER, str(os.getpid())], input=json.dumps(job), capture_output=True, text=True)
     if p.stderr: log.debug(f"llama.cpp ({what}):\n{p.stderr[-4000:]}")
+    said = [l.strip() for l in p.stderr.splitlines() if re.search(r'error|fail|cannot|unable', l, re.I)]
     if p.returncode != 0:
         how = f"crashed with signal {-p.returncode}" if p.returncode < 0 else f"failed (exit {p.returncode})"
         tail = (p.stderr.strip().splitlines() or [''])[-1][:300]
         raise ExportError(f"llama.cpp {how} while {what}: {tail}. The file may be corrupt or the llama-cpp-python build may not fit this CPU.")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     _CHILD_PEAK['mb'] = max(_CHILD_PEAK['mb'], round(int(res.pop('hwm', 0))/1024, 1))
+    res['said'] = said[-1][:300] if said else ''  # llama.cpp's last error line, if any
     return res
 
 # %% ../nbs/05_export.ipynb #afff3a9f
+AGAIN = "Then run again: training is done (it resumes at its last checkpoint) and the export starts over; `taide-ft export` exports from the saved adapter alone"
+
 def quantize_gguf(src:str|Path, # a 16- or 32-bit GGUF
                   dest:str|Path, # the quantized GGUF to write
                   qtype:str, # a llama.cpp type name from `config.GGUF_TYPES`, e.g. 'q4_k_m'
@@ -404,13 +412,21 @@ def quantize_gguf(src:str|Path, # a 16- or 32-bit GGUF
     "Quantize `src` to `qtype` with llama.cpp's own quantizer."
     if qtype not in GGUF_TYPES: raise ExportError(f"`{qtype}` is not a llama.cpp type; use one of {', '.join(GGUF_TYPES)}.")
     if check_src: read_gguf(src)
-    dest = Path(dest)
-    with atomic_path(dest) as tmp:
-        job = dict(task='quantize', src=str(src), dest=str(tmp), ftype=GGUF_TYPES[qtype], nthread=os.cpu_count() or 1)
-        rc = _llama_job(job, f"quantizing to {qtype}")['rc']
-        if rc != 0 or not Path(tmp).is_file(): raise ExportError(f"llama.cpp could not quantize `{Path(src).name}` to {qtype} (return code {rc}).")
+    dest, said = Path(dest), ''
+    try:
+        with atomic_path(dest) as tmp:
+            job = dict(task='quantize', src=str(src), dest=str(tmp), ftype=GGUF_TYPES[qtype], nthread=os.cpu_count() or 1)
+            res = _llama_job(job, f"quantizing to {qtype}")
+            rc, said = res['rc'], res['said']
+            if rc != 0 or not Path(tmp).is_file():
+                if shutil.disk_usage(dest.parent).free < LOW_DISK:  # measured while the partial file is still there
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise ExportError(f"llama.cpp could not quantize `{Path(src).name}` to {qtype} (return code {rc})" + (f": {said}" if said else '') + ".")
+    except OSError as e:
+        raise disk_error(e, f"`{dest.name}` (llama.cpp quantizing to {qtype}" + (f": {said})" if said else ')'), dest.parent, AGAIN) or e
     log.info(f"quantize: {dest.name} ({dest.stat().st_size/2**20:.0f} MiB)")
     return dest
+
 
 # %% ../nbs/05_export.ipynb #04b2f068
 def write_modelfile(cfg:RunConfig, # SYSTEM_PROMPT, MAX_SEQ_LENGTH and the model name come from here
@@ -663,19 +679,40 @@ def _prepare(cfg, base, adapter_dir, stats):
     free = check_disk(out, need['total'] - need['checkpoints'])
     log.info(f"export: {base.n_params/1e9:.2f} B parameters; needs about {need['total']/1e9:.1f} GB of disk, {free/1e9:.0f} GB free")
     disk = dict(estimate=need, free_before=free)
-    if fused: return export_source(cfg, adapter_dir, out/'export-src', base), adapter_dir, 'inside the conversion', disk
-    with _stage('merge', stats): src = merge_adapter(cfg, adapter_dir, out/'merged', base=base)
+    if fused:
+        with writing("the converter's source folder `export-src`", out, AGAIN):
+            return export_source(cfg, adapter_dir, out/'export-src', base), adapter_dir, 'inside the conversion', disk
+    with _stage('merge', stats), writing('the merged model `merged/`', out, AGAIN): src = merge_adapter(cfg, adapter_dir, out/'merged', base=base)
     return src, None, dict(folder=src.name, bytes=sum(f.stat().st_size for f in src.iterdir())), disk
 
+def unverified(path:str|Path) -> Path:
+    "Where a GGUF lies until it passes verification: `taide-q4_k_m.gguf` -> `taide-q4_k_m.unverified.gguf`."
+    path = Path(path)
+    return path.with_name(path.name.removesuffix('.gguf') + '.unverified.gguf')
+
+def _promote(path:Path) -> Path:
+    "Rename a verified GGUF to its final name (and keep what `read_gguf` knows of it)."
+    dest = path.with_name(path.name.replace('.unverified.gguf', '.gguf'))
+    meta = read_gguf(path)
+    os.replace(path, dest)
+    st = dest.stat(); _READ_CACHE[(str(dest.resolve()), st.st_size, st.st_mtime_ns)] = meta
+    return dest
+
+def _sixteen(cfg, src) -> list:
+    types = list(cfg.quant.quantization_method)
+    return [t for t in types if t in _OUTTYPES and t != 'q8_0'] or [_sixteen_bit(src)]
+
 def _convert_and_quantize(cfg, src, lora, stats) -> tuple:
-    "3) and 4): every 16-bit type asked for (or the one quantization starts from), then each quantized type; (paths, 16-bit types)."
+    "3) and 4): every 16-bit type asked for (or the one quantization starts from), then each quantized type, under unverified names; (paths, 16-bit types)."
     out, types = cfg.output_dir, list(cfg.quant.quantization_method)
-    sixteen, paths = [t for t in types if t in _OUTTYPES and t != 'q8_0'] or [_sixteen_bit(src)], {}
+    sixteen, paths = _sixteen(cfg, src), {}
     with _stage('convert', stats):
-        for t in sixteen: paths[t] = convert_to_gguf(src, out/gguf_name(cfg, t), t, model_name=cfg.model.new_model_name, adapter_dir=lora)
+        for t in sixteen:
+            dest = unverified(out/gguf_name(cfg, t))
+            with writing(f"`{dest.name}`", out, AGAIN): paths[t] = convert_to_gguf(src, dest, t, model_name=cfg.model.new_model_name, adapter_dir=lora)
     with _stage('quantize', stats):
         for t in types:  # the source was just written here (renamed into place only when complete): no need to read it through first
-            if t not in paths: paths[t] = quantize_gguf(paths[sixteen[0]], out/gguf_name(cfg, t), t, check_src=False)
+            if t not in paths: paths[t] = quantize_gguf(paths[sixteen[0]], unverified(out/gguf_name(cfg, t)), t, check_src=False)
     return paths, sixteen
 
 def _verify(cfg, src, lora, paths, stats, max_new_tokens, n_prompts) -> tuple:
@@ -684,10 +721,20 @@ def _verify(cfg, src, lora, paths, stats, max_new_tokens, n_prompts) -> tuple:
     with _stage('verify', stats):
         ref = reference_outputs(src, training_prompts(cfg, n_prompts), max_new_tokens, lora)
         report = {t: verify_gguf(paths[t], src, qtype=t, reference=ref, max_new_tokens=max_new_tokens, check=False) for t in types}
-    report_path = _write_json(cfg.output_dir/'export_report.json', dict(stages=stats, results=report))
+    with writing('`export_report.json`', cfg.output_dir, AGAIN): report_path = _write_json(cfg.output_dir/'export_report.json', dict(stages=stats, results=report))
     failed = [r for r in report.values() if not r['passed']]
-    if failed: raise ExportError(' '.join(f"`{r['file']}` failed verification: {'; '.join(r['problems'])}." for r in failed) + f" See {report_path}.")
+    if failed: raise ExportError(' '.join(f"`{r['file']}` failed verification: {'; '.join(r['problems'])}." for r in failed)
+                                 + f" It keeps that name, so that nothing takes it for a checked file; see {report_path}.")
+    for t in types: paths[t] = _promote(paths[t]); report[t]['file'] = paths[t].name  # an intermediate 16-bit file is deleted unverified
     return report, report_path
+
+def _clear_unverified(cfg):
+    "Remove this run's unverified GGUFs that an earlier export left (a failed check, or Ctrl-C during it)."
+    for t in dict.fromkeys(['f16', 'bf16'] + list(cfg.quant.quantization_method)):
+        p = unverified(cfg.output_dir/gguf_name(cfg, t))
+        if p.exists():
+            log.info(f"export: removing {p.name} ({p.stat().st_size/2**20:,.0f} MiB), left unverified by an earlier export")
+            p.unlink()
 
 # %% ../nbs/05_export.ipynb #0f2b4d6e
 def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prompts come from here
@@ -697,6 +744,9 @@ def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prom
                 base:BaseModel|None=None # default: `resolve_base(BASE_MODEL_NAME)`
                ) -> ExportResult:
     "Merge, convert, quantize, verify and package: GGUF files, Modelfile, report and manifest in OUTPUT_DIR."
+    with output_lock(cfg.output_dir, 'export_gguf'): return _export_gguf(cfg, adapter_dir, max_new_tokens, n_prompts, base)
+
+def _export_gguf(cfg, adapter_dir, max_new_tokens, n_prompts, base):
     from transformers import AutoTokenizer
     out, adapter_dir = cfg.output_dir, Path(adapter_dir or cfg.output_dir/'adapter')
     check_converter()
@@ -706,7 +756,9 @@ def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prom
     if ollama_name(cfg) != cfg.model.new_model_name.strip().lower():
         log.warning(f"NEW_MODEL_NAME = {cfg.model.new_model_name}: Ollama names take lowercase letters, digits, '_', '-' and '.', "
                     f"so the model is `{ollama_name(cfg)}` (files `{gguf_name(cfg, types[0])}`, ...); set NEW_MODEL_NAME to such a name to choose another.")
-    src, lora, merge, disk = _prepare(cfg, base or resolve_base(cfg.model.base_model_name), adapter_dir, stats)
+    base = base or resolve_base(cfg.model.base_model_name)
+    _clear_unverified(cfg)
+    src, lora, merge, disk = _prepare(cfg, base, adapter_dir, stats)
     try:
         tok = AutoTokenizer.from_pretrained(src)
         derive_template(tok, cfg.data.system_prompt.strip(), add_bos=tokenizer_adds_bos(tok))  # fail now, not after an hour of conversion
@@ -722,8 +774,12 @@ def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prom
     finally:
         if lora is not None: shutil.rmtree(src, ignore_errors=True)
     # 6) package
-    modelfiles = {t: write_modelfile(cfg, paths[t], tok, out/('Modelfile' if i == 0 else f'Modelfile.{t}')) for i, t in enumerate(types)}
-    manifest_path = _write_json(out/'manifest.json', manifest(cfg, paths, others + [*modelfiles.values(), report_path], merge, disk, stats, report))
+    peak = max(max(s['peak_rss_mb'], s['llama_cpp_peak_rss_mb'] or 0) for s in stats.values())
+    log.info(f"export: peak host memory {peak/1024:.2f} GiB (the largest stage, this process or a llama.cpp subprocess)")
+    with writing('the Modelfile and `manifest.json`', out, AGAIN):
+        modelfiles = {t: write_modelfile(cfg, paths[t], tok, out/('Modelfile' if i == 0 else f'Modelfile.{t}')) for i, t in enumerate(types)}
+        man = manifest(cfg, paths, others + [*modelfiles.values(), report_path], merge, disk, stats, report) | dict(peak_rss_mb=peak)
+        manifest_path = _write_json(out/'manifest.json', man)
     cmd = f"cd {shlex.quote(str(out))} && ollama create {ollama_name(cfg)} -f Modelfile"
     log.info(f"export: done. To use it with Ollama: {cmd}")
     return ExportResult(paths, modelfiles[types[0]], report, report_path, manifest_path, cmd)
