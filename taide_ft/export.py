@@ -391,7 +391,7 @@ def _llama_job(job:dict, what:str) -> dict:
     job = {"nthread": _threads(), **job}
     p = subprocess.run([sys.executable, '-c', _WORKER, str(os.getpid())], input=json.dumps(job), capture_output=True, text=True)
     if p.stderr: log.debug(f"llama.cpp ({what}):\n{p.stderr[-4000:]}")
-    said = [l.strip() for l in p.stderr.splitlines() if re.search(r'error|fail|cannot|unable', l, re.I)]
+    said = [l.rsplit(' .. ', 1)[-1].strip() for l in p.stderr.splitlines() if re.search(r'error|fail|cannot|unable', l, re.I)]  # past a progress line's start
     if p.returncode != 0:
         how = f"crashed with signal {-p.returncode}" if p.returncode < 0 else f"failed (exit {p.returncode})"
         tail = (p.stderr.strip().splitlines() or [''])[-1][:300]
