@@ -17,10 +17,10 @@ from .ollama import derive_template, tokenizer_adds_bos
 from .training import DiskFull, LOW_DISK, disk_error, output_lock, writing
 
 # %% auto #0
-__all__ = ['log', 'AGAIN', 'ExportError', 'ollama_name', 'gguf_name', 'merge_adapter', 'check_converter', 'convert_to_gguf',
-           'export_source', 'read_gguf', 'quantize_gguf', 'write_modelfile', 'training_prompts', 'reference_outputs',
-           'verify_gguf', 'check_disk', 'manifest', 'ExportResult', 'convert_lora_to_gguf', 'unverified', 'export_gguf',
-           'GGUFChat', 'chat_gguf']
+__all__ = ['log', 'AGAIN', 'HOST_BUDGET', 'ExportError', 'ollama_name', 'gguf_name', 'merge_adapter', 'check_converter',
+           'convert_to_gguf', 'export_source', 'read_gguf', 'quantize_gguf', 'write_modelfile', 'training_chats',
+           'training_prompts', 'reference_outputs', 'verify_gguf', 'check_disk', 'manifest', 'ExportResult',
+           'convert_lora_to_gguf', 'unverified', 'export_gguf', 'GGUFChat', 'chat_gguf']
 
 # %% ../nbs/05_export.ipynb #a90e8d9e
 log = logging.getLogger(__name__)
@@ -376,6 +376,11 @@ for i, it in enumerate(job["items"]):
             greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
             if greedy[-1] in job["stops"]: break
     res["items"].append({"tokens": toks, "teacher": teacher, "greedy": greedy})
+res["forced"] = []
+for it in job.get("forced", []):
+    ids, ans = it["ids"], it["answer"]
+    llm.reset(); llm.eval(ids + ans)
+    res["forced"].append([int(np.argmax(llm.scores[len(ids) - 1 + j])) for j in range(len(ans))])
 res["hwm"] = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
 print(json.dumps(res))
 '''
@@ -458,10 +463,24 @@ def _modelfile_template(path):
 # %% ../nbs/05_export.ipynb #9c4efabf
 _LOGIT_TOL = {'f32': 0.01, 'f16': 0.1, 'bf16': 0.5}
 def _top1_floor(qtype):
-    if qtype in _LOGIT_TOL or qtype == 'q8_0': return 0.9
-    if qtype.startswith(('q6', 'q5')): return 0.75
-    if qtype.startswith('q4'): return 0.6
+    "Lowest teacher-forced top-1 agreement a file of `qtype` may show (measured: see the table above)."
+    if qtype in _LOGIT_TOL: return 0.9
+    if qtype == 'q8_0': return 0.88
+    if qtype.startswith(('q6', 'q5')): return 0.8
+    if qtype.startswith('q4'): return 0.7
     return 0.4 if qtype.startswith('q3') else 0.3
+
+def training_chats(cfg:RunConfig, n:int=32) -> list:
+    "Up to `n` whole chats (ending with an answer) from the eval file, or else the training data, formatted as in training."
+    from taide_ft.dataset import format_messages
+    chats = []
+    for path in [p for p in (cfg.data.eval_file, cfg.data.dataset_file) if p and Path(p).is_file()][:1]:
+        for line in Path(path).read_text(encoding='utf-8-sig').splitlines():
+            if len(chats) >= n: break
+            try: msgs = format_messages(json.loads(line), cfg.data.system_prompt)
+            except (ValueError, KeyError, TypeError, AttributeError): continue
+            if msgs and msgs[-1]['role'] == 'assistant' and len(msgs) > 1 and msgs[-2]['role'] == 'user': chats.append(msgs)
+    return chats
 
 def training_prompts(cfg:RunConfig, n:int=3) -> list:
     "Up to `n` chats from the training data, formatted as in training, cut before the last answer."
@@ -480,10 +499,15 @@ def training_prompts(cfg:RunConfig, n:int=3) -> list:
     return chats
 
 # %% ../nbs/05_export.ipynb #b07827a6
+HOST_BUDGET = 16 * 2**30  # host memory the CPU reference may take in float32; past it, bfloat16
+
 def reference_outputs(model_dir:str|Path, # model folder: a merged model, or the base with `adapter_dir`
                       prompts:list, # chats: lists of {'role', 'content'} messages
                       max_new_tokens:int=16, # greedy tokens per prompt
-                      adapter_dir:str|Path|None=None # a LoRA adapter to merge into the model in memory first
+                      adapter_dir:str|Path|None=None, # a LoRA adapter to merge into the model in memory first
+                      dtype:str|None=None, # 'float32' or 'bfloat16'; default: float32 where it fits (see above)
+                      answers:list=(), # whole chats (`training_chats`): their last answers are fed token by token
+                      max_answer_tokens:int=512 # answer tokens fed in all
                      ) -> dict:
     "Greedy answers, first-token logits and top-2 margins of the (merged) model in transformers (float32 where it fits)."
     import torch
@@ -491,19 +515,35 @@ def reference_outputs(model_dir:str|Path, # model folder: a merged model, or the
     tok = AutoTokenizer.from_pretrained(model_dir)
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     room = torch.cuda.mem_get_info()[0] if dev == 'cuda' else os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    dtype = torch.float32 if 4 * _safetensors_params(Path(model_dir)) < 0.8 * room else torch.bfloat16
-    with quiet():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    fp32 = 4 * _safetensors_params(Path(model_dir))
+    dtype = getattr(torch, dtype) if dtype else torch.float32 if fp32 < 0.8 * room and (dev == 'cuda' or fp32 <= HOST_BUDGET) else torch.bfloat16
+    with quiet():  # on a GPU the weights load straight into its memory, tensor by tensor: no full copy in host memory
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map='cuda' if dev == 'cuda' else None)
         if adapter_dir is not None:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     model = model.to(dev).eval()
     stops, items, threads = stop_ids(tok, model.generation_config), [], torch.get_num_threads()
     torch.set_num_threads(_threads())
-    try: items = [_reference_item(model, tok, msgs, stops, max_new_tokens, dev) for msgs in prompts]
+    try:
+        items = [_reference_item(model, tok, msgs, stops, max_new_tokens, dev) for msgs in prompts]
+        forced, left = [], max_answer_tokens
+        for chat in answers:
+            if left <= 0: break
+            forced.append(_forced_item(model, tok, chat, min(left, 128), dev)); left -= len(forced[-1]['answer'])
     finally: torch.set_num_threads(threads)
     del model
-    return dict(items=items, stops=stops, tokenizer=tok, dtype=str(dtype).removeprefix('torch.'))
+    return dict(items=items, forced=[f for f in forced if f['answer']], stops=stops, tokenizer=tok, dtype=str(dtype).removeprefix('torch.'))
+
+def _forced_item(model, tok, chat, n, dev):
+    "A chat's prompt ids, its answer's first `n` tokens as training formats them, and the model's argmax at each of them."
+    import torch
+    ids = tok(tok.apply_chat_template(chat[:-1], add_generation_prompt=True, tokenize=False), add_special_tokens=False).input_ids
+    full = tok(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False).input_ids
+    answer = full[len(ids):len(ids) + n] if full[:len(ids)] == ids else []
+    if not answer: return dict(ids=ids, answer=[], argmax=[])
+    with torch.inference_mode(): logits = model(torch.tensor([ids + answer], device=dev)).logits[0, len(ids)-1:len(ids)-1+len(answer)]
+    return dict(ids=ids, answer=answer, argmax=logits.argmax(-1).tolist())
 
 def _reference_item(model, tok, msgs, stops, max_new_tokens, dev):
     "Prompt text and ids, greedy continuation, first-token logits and top-2 margins for one chat."
@@ -547,8 +587,9 @@ def verify_gguf(gguf_path:str|Path, # the GGUF to check
     tok, items = ref['tokenizer'], ref['items']
     with tempfile.TemporaryDirectory() as d:
         job = dict(task='eval', path=str(gguf_path), dir=d, stops=ref['stops'], max_new_tokens=max_new_tokens,
-                   n_ctx=max(len(it['ids']) + max_new_tokens for it in items) + 16,
-                   items=[{k: it[k] for k in ('text', 'ids', 'continuation')} for it in items])
+                   n_ctx=max([len(it['ids']) + max_new_tokens for it in items] + [len(f['ids']) + len(f['answer']) for f in ref.get('forced', [])]) + 16,
+                   items=[{k: it[k] for k in ('text', 'ids', 'continuation')} for it in items],
+                   forced=[{k: f[k] for k in ('ids', 'answer')} for f in ref.get('forced', [])])
         res = _llama_job(job, f"checking `{gguf_path.name}`")
         firsts = [np.load(f"{d}/first{i}.npy") for i in range(len(items))]
     problems = []
@@ -556,7 +597,8 @@ def verify_gguf(gguf_path:str|Path, # the GGUF to check
     tol, floor, sixteen = _LOGIT_TOL.get(qtype), _top1_floor(qtype), qtype in _LOGIT_TOL
     if sixteen and ref['dtype'] != 'float32': tol = max(tol, _LOGIT_TOL['bf16'])  # the reference itself is rounded
     diff = max(float(np.abs(f - it['first_logits']).max()) for f, it in zip(firsts, items))
-    agree = [a == b for it, r in zip(items, res['items']) for a, b in zip(r['teacher'], it['continuation'])]
+    agree = [a == b for f, got in zip(ref.get('forced', []), res['forced']) for a, b in zip(got, f['argmax'])]  # the data's answers, teacher-forced
+    if not agree: agree = [a == b for it, r in zip(items, res['items']) for a, b in zip(r['teacher'], it['continuation'])]
     top1 = sum(agree) / max(len(agree), 1)
     greedy = []
     for n, (it, r) in enumerate(zip(items, res['items'])):
@@ -569,10 +611,10 @@ def verify_gguf(gguf_path:str|Path, # the GGUF to check
     if not sixteen and top1 < floor: problems.append(f"teacher-forced top-1 agreement {top1:.2f} is below {floor} for {qtype}")
     report = dict(file=gguf_path.name, type=qtype, bytes=meta['bytes'], passed=not problems, problems=problems,
                   prompts=len(items), greedy=greedy, first_logits_max_abs_diff=round(diff, 5), logit_tolerance=tol,
-                  top1_agreement=round(top1, 4), top1_floor=floor, reference_dtype=ref['dtype'], first_token_match=all(r['teacher'][:1] == it['continuation'][:1] for it, r in zip(items, res['items'])),
+                  top1_agreement=round(top1, 4), top1_tokens=len(agree), top1_floor=floor, reference_dtype=ref['dtype'], first_token_match=all(r['teacher'][:1] == it['continuation'][:1] for it, r in zip(items, res['items'])),
                   tokens={k: meta[k] for k in ('bos', 'eos', 'pad')} | dict(eot=res['eot'], pre=meta['pre']),
                   chat_template=bool(meta['chat_template']), tensor_types=meta['tensor_types'])
-    log.info(f"verify: {gguf_path.name}: {'ok' if not problems else 'FAILED'}; greedy {greedy}, first-logit max diff {diff:.4f}, top-1 {top1:.2f}")
+    log.info(f"verify: {gguf_path.name}: {'ok' if not problems else 'FAILED'}; greedy {greedy}, first-logit max diff {diff:.4f}, top-1 {top1:.2f} over {len(agree)} tokens")
     if check and problems: raise ExportError(f"`{gguf_path.name}` failed verification: " + '; '.join(problems) + '.')
     return report
 
@@ -719,7 +761,7 @@ def _verify(cfg, src, lora, paths, stats, max_new_tokens, n_prompts) -> tuple:
     "5): every file against base + adapter in transformers; (report by type, its path); `ExportError` if one fails."
     types = list(cfg.quant.quantization_method)
     with _stage('verify', stats):
-        ref = reference_outputs(src, training_prompts(cfg, n_prompts), max_new_tokens, lora)
+        ref = reference_outputs(src, training_prompts(cfg, n_prompts), max_new_tokens, lora, answers=training_chats(cfg))
         report = {t: verify_gguf(paths[t], src, qtype=t, reference=ref, max_new_tokens=max_new_tokens, check=False) for t in types}
     with writing('`export_report.json`', cfg.output_dir, AGAIN): report_path = _write_json(cfg.output_dir/'export_report.json', dict(stages=stats, results=report))
     failed = [r for r in report.values() if not r['passed']]
