@@ -4,15 +4,31 @@
 
 # %% ../nbs/08_cli.ipynb #1547e418
 from __future__ import annotations
-import argparse, subprocess, sys
+import argparse, contextlib, subprocess, sys
 from pathlib import Path
 from .config import ConfigError, RunConfig, TaideError, find_config, load_config
 from .environment import dist_env, env_report, log, setup_logging
+from .training import output_lock
 
 # %% auto #0
 __all__ = ['check', 'launch', 'main']
 
 # %% ../nbs/08_cli.ipynb #6b8bad97
+def _target_problem(cfg:RunConfig, base) -> str|None:
+    "Why `run` would refuse TARGET_MODULES, from the model's config alone: its layers built on the meta device, no weights."
+    if base is None or not base.config or 'model_type' not in base.config: return None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from taide_ft.environment import ModelError
+    from taide_ft.model import check_target_modules
+    try:
+        c = dict(base.config); conf = AutoConfig.for_model(c.pop('model_type'), **c)
+        with torch.device('meta'): model = AutoModelForCausalLM.from_config(conf)
+    except Exception: return None  # a config transformers cannot build here: `run` checks the loaded model
+    try: check_target_modules(model, cfg.lora.target_modules)
+    except ModelError as e: return str(e)
+    return None
+
 def check(cfg:RunConfig) -> int:
     "Print the config summary, environment report and data check; 0 when the run can start."
     from taide_ft.dataset import DataError, check_data
@@ -20,6 +36,8 @@ def check(cfg:RunConfig) -> int:
     log.info("Configuration (%s)\n%s", cfg.path, cfg.summary())
     rep = env_report(cfg)
     log.info("Environment\n%s", rep)
+    targets = _target_problem(cfg, rep.plan.base) if rep.plan is not None else None
+    if targets: log.error("%s", targets)
     try:
         stats = check_data(cfg)
         log.info("Data: %s", ', '.join(f"{k} {v}" for k, v in stats.items() if not isinstance(v, (dict, list))))
@@ -28,9 +46,10 @@ def check(cfg:RunConfig) -> int:
     _, what, warnings = plan_steps(cfg, stats['rows'])
     log.info("Steps: %s", what)
     for w in warnings: log.warning(w)
-    if not rep.ok: return 1
+    if not rep.ok or targets: return 1
     log.info("OK: the run can start.")
     return 0
+
 
 # %% ../nbs/08_cli.ipynb #f6e6488f
 _COMMANDS = {'check': 'validate config, data and machine without training', 'run': 'train, evaluate and export',
@@ -75,20 +94,26 @@ def main(argv:list|None=None) -> int:
     try:
         cfg = load_config(find_config(args.config), sets=args.set)
         if args.cmd == 'check': return check(cfg)
-        setup_logging(cfg.output_dir)  # from here on, errors reach finetune.log too
-        if args.cmd == 'export': _export(cfg); return 0
-        if args.cmd == 'eval':
-            from taide_ft.pipeline import evaluate_saved
-            evaluate_saved(cfg); return 0
-        if args.cmd == 'chat':
-            from taide_ft.pipeline import chat
-            if args.gguf and not Path(args.gguf).is_file(): raise ConfigError([f"--gguf {args.gguf}: no such file."], 'command line')
-            chat(cfg, args.gguf); return 0
-        if args.gpus < 1: raise ConfigError([f"--gpus {args.gpus}: give 1 or more."], 'command line')
-        if args.gpus > 1 and dist_env()[2] == 1: return launch(args.gpus, cfg, args.set)
-        from taide_ft.pipeline import fine_tune
-        fine_tune(cfg); return 0
+        if args.cmd == 'chat' or (args.cmd == 'run' and args.gpus > 1 and dist_env()[2] == 1): hold = contextlib.nullcontext()
+        else: hold = output_lock(cfg.output_dir, f"taide-ft {args.cmd}")  # before the log: a refused run writes nothing there
+        with hold: return _command(args, cfg)
     except TaideError as e:
         log.error("%s: %s", type(e).__name__, e); return e.exit_code
     except KeyboardInterrupt:
         log.error("Interrupted."); return 130
+
+def _command(args, cfg:RunConfig) -> int:
+    setup_logging(cfg.output_dir)  # from here on, errors reach finetune.log too
+    if args.cmd == 'export': _export(cfg); return 0
+    if args.cmd == 'eval':
+        from taide_ft.pipeline import evaluate_saved
+        evaluate_saved(cfg); return 0
+    if args.cmd == 'chat':
+        from taide_ft.pipeline import chat
+        if args.gguf and not Path(args.gguf).is_file(): raise ConfigError([f"--gguf {args.gguf}: no such file."], 'command line')
+        chat(cfg, args.gguf); return 0
+    if args.gpus < 1: raise ConfigError([f"--gpus {args.gpus}: give 1 or more."], 'command line')
+    if args.gpus > 1 and dist_env()[2] == 1: return launch(args.gpus, cfg, args.set)
+    from taide_ft.pipeline import fine_tune
+    fine_tune(cfg); return 0
+

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_export.ipynb #7cd2f6d0
 from __future__ import annotations
-import base64, contextlib, ctypes, hashlib, json, logging, os, re, shlex, shutil, struct, subprocess, sys, tempfile, time
+import base64, contextlib, ctypes, errno, hashlib, json, logging, os, re, shlex, shutil, struct, subprocess, sys, tempfile, time
 from collections import deque
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -14,12 +14,13 @@ from .environment import (BaseModel, base_folder, disk_need, lib_versions, memor
                                   resolve_base, _safetensors_params)
 from .model import stop_ids
 from .ollama import derive_template, tokenizer_adds_bos
+from .training import DiskFull, LOW_DISK, disk_error, output_lock, writing
 
 # %% auto #0
-__all__ = ['log', 'ExportError', 'ollama_name', 'gguf_name', 'merge_adapter', 'check_converter', 'convert_to_gguf',
-           'export_source', 'read_gguf', 'quantize_gguf', 'write_modelfile', 'training_prompts', 'reference_outputs',
-           'verify_gguf', 'check_disk', 'manifest', 'ExportResult', 'convert_lora_to_gguf', 'export_gguf', 'GGUFChat',
-           'chat_gguf']
+__all__ = ['log', 'AGAIN', 'HOST_BUDGET', 'ExportError', 'ollama_name', 'gguf_name', 'merge_adapter', 'check_converter',
+           'convert_to_gguf', 'export_source', 'read_gguf', 'quantize_gguf', 'write_modelfile', 'training_chats',
+           'training_prompts', 'reference_outputs', 'verify_gguf', 'check_disk', 'manifest', 'ExportResult',
+           'convert_lora_to_gguf', 'unverified', 'export_gguf', 'GGUFChat', 'chat_gguf']
 
 # %% ../nbs/05_export.ipynb #a90e8d9e
 log = logging.getLogger(__name__)
@@ -342,7 +343,10 @@ def read_gguf(path:str|Path) -> dict:
 
 # %% ../nbs/05_export.ipynb #e35bd4bb
 _WORKER = r'''
-import ctypes, json, sys
+import ctypes, json, os, signal, sys
+if sys.platform == "linux":  # PR_SET_PDEATHSIG: end with the process that started this one, even when it is killed
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    if os.getppid() != int(sys.argv[1]): sys.exit(3)  # it ended before that took effect
 import numpy as np
 import llama_cpp
 job = json.load(sys.stdin)
@@ -372,6 +376,11 @@ for i, it in enumerate(job["items"]):
             greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
             if greedy[-1] in job["stops"]: break
     res["items"].append({"tokens": toks, "teacher": teacher, "greedy": greedy})
+res["forced"] = []
+for it in job.get("forced", []):
+    ids, ans = it["ids"], it["answer"]
+    llm.reset(); llm.eval(ids + ans)
+    res["forced"].append([int(np.argmax(llm.scores[len(ids) - 1 + j])) for j in range(len(ans))])
 res["hwm"] = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
 print(json.dumps(res))
 '''
@@ -385,17 +394,21 @@ def _llama_job(job:dict, what:str) -> dict:
     if _dist_version('llama_cpp_python') is None:
         raise ExportError("`llama-cpp-python` is not installed; it provides llama.cpp's quantizer and runtime. Install it (see the README).")
     job = {"nthread": _threads(), **job}
-    p = subprocess.run([sys.executable, '-c', _WORKER], input=json.dumps(job), capture_output=True, text=True)
+    p = subprocess.run([sys.executable, '-c', _WORKER, str(os.getpid())], input=json.dumps(job), capture_output=True, text=True)
     if p.stderr: log.debug(f"llama.cpp ({what}):\n{p.stderr[-4000:]}")
+    said = [l.rsplit(' .. ', 1)[-1].strip() for l in p.stderr.splitlines() if re.search(r'error|fail|cannot|unable', l, re.I)]  # past a progress line's start
     if p.returncode != 0:
         how = f"crashed with signal {-p.returncode}" if p.returncode < 0 else f"failed (exit {p.returncode})"
         tail = (p.stderr.strip().splitlines() or [''])[-1][:300]
         raise ExportError(f"llama.cpp {how} while {what}: {tail}. The file may be corrupt or the llama-cpp-python build may not fit this CPU.")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     _CHILD_PEAK['mb'] = max(_CHILD_PEAK['mb'], round(int(res.pop('hwm', 0))/1024, 1))
+    res['said'] = said[-1][:300] if said else ''  # llama.cpp's last error line, if any
     return res
 
 # %% ../nbs/05_export.ipynb #afff3a9f
+AGAIN = "Then run again: training is done (it resumes at its last checkpoint) and the export starts over; `taide-ft export` exports from the saved adapter alone"
+
 def quantize_gguf(src:str|Path, # a 16- or 32-bit GGUF
                   dest:str|Path, # the quantized GGUF to write
                   qtype:str, # a llama.cpp type name from `config.GGUF_TYPES`, e.g. 'q4_k_m'
@@ -404,13 +417,21 @@ def quantize_gguf(src:str|Path, # a 16- or 32-bit GGUF
     "Quantize `src` to `qtype` with llama.cpp's own quantizer."
     if qtype not in GGUF_TYPES: raise ExportError(f"`{qtype}` is not a llama.cpp type; use one of {', '.join(GGUF_TYPES)}.")
     if check_src: read_gguf(src)
-    dest = Path(dest)
-    with atomic_path(dest) as tmp:
-        job = dict(task='quantize', src=str(src), dest=str(tmp), ftype=GGUF_TYPES[qtype], nthread=os.cpu_count() or 1)
-        rc = _llama_job(job, f"quantizing to {qtype}")['rc']
-        if rc != 0 or not Path(tmp).is_file(): raise ExportError(f"llama.cpp could not quantize `{Path(src).name}` to {qtype} (return code {rc}).")
+    dest, said = Path(dest), ''
+    try:
+        with atomic_path(dest) as tmp:
+            job = dict(task='quantize', src=str(src), dest=str(tmp), ftype=GGUF_TYPES[qtype], nthread=os.cpu_count() or 1)
+            res = _llama_job(job, f"quantizing to {qtype}")
+            rc, said = res['rc'], res['said']
+            if rc != 0 or not Path(tmp).is_file():
+                if shutil.disk_usage(dest.parent).free < LOW_DISK:  # measured while the partial file is still there
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise ExportError(f"llama.cpp could not quantize `{Path(src).name}` to {qtype} (return code {rc})" + (f": {said}" if said else '') + ".")
+    except OSError as e:
+        raise disk_error(e, f"`{dest.name}` (llama.cpp quantizing to {qtype}" + (f": {said})" if said else ')'), dest.parent, AGAIN) or e
     log.info(f"quantize: {dest.name} ({dest.stat().st_size/2**20:.0f} MiB)")
     return dest
+
 
 # %% ../nbs/05_export.ipynb #04b2f068
 def write_modelfile(cfg:RunConfig, # SYSTEM_PROMPT, MAX_SEQ_LENGTH and the model name come from here
@@ -442,10 +463,24 @@ def _modelfile_template(path):
 # %% ../nbs/05_export.ipynb #9c4efabf
 _LOGIT_TOL = {'f32': 0.01, 'f16': 0.1, 'bf16': 0.5}
 def _top1_floor(qtype):
-    if qtype in _LOGIT_TOL or qtype == 'q8_0': return 0.9
-    if qtype.startswith(('q6', 'q5')): return 0.75
-    if qtype.startswith('q4'): return 0.6
+    "Lowest teacher-forced top-1 agreement a file of `qtype` may show (measured: see the table above)."
+    if qtype in _LOGIT_TOL: return 0.9
+    if qtype == 'q8_0': return 0.88
+    if qtype.startswith(('q6', 'q5')): return 0.8
+    if qtype.startswith('q4'): return 0.7
     return 0.4 if qtype.startswith('q3') else 0.3
+
+def training_chats(cfg:RunConfig, n:int=32) -> list:
+    "Up to `n` whole chats (ending with an answer) from the eval file, or else the training data, formatted as in training."
+    from taide_ft.dataset import format_messages
+    chats = []
+    for path in [p for p in (cfg.data.eval_file, cfg.data.dataset_file) if p and Path(p).is_file()][:1]:
+        for line in Path(path).read_text(encoding='utf-8-sig').splitlines():
+            if len(chats) >= n: break
+            try: msgs = format_messages(json.loads(line), cfg.data.system_prompt)
+            except (ValueError, KeyError, TypeError, AttributeError): continue
+            if msgs and msgs[-1]['role'] == 'assistant' and len(msgs) > 1 and msgs[-2]['role'] == 'user': chats.append(msgs)
+    return chats
 
 def training_prompts(cfg:RunConfig, n:int=3) -> list:
     "Up to `n` chats from the training data, formatted as in training, cut before the last answer."
@@ -464,10 +499,15 @@ def training_prompts(cfg:RunConfig, n:int=3) -> list:
     return chats
 
 # %% ../nbs/05_export.ipynb #b07827a6
+HOST_BUDGET = 16 * 2**30  # host memory the CPU reference may take in float32; past it, bfloat16
+
 def reference_outputs(model_dir:str|Path, # model folder: a merged model, or the base with `adapter_dir`
                       prompts:list, # chats: lists of {'role', 'content'} messages
                       max_new_tokens:int=16, # greedy tokens per prompt
-                      adapter_dir:str|Path|None=None # a LoRA adapter to merge into the model in memory first
+                      adapter_dir:str|Path|None=None, # a LoRA adapter to merge into the model in memory first
+                      dtype:str|None=None, # 'float32' or 'bfloat16'; default: float32 where it fits (see above)
+                      answers:list=(), # whole chats (`training_chats`): their last answers are fed token by token
+                      max_answer_tokens:int=512 # answer tokens fed in all
                      ) -> dict:
     "Greedy answers, first-token logits and top-2 margins of the (merged) model in transformers (float32 where it fits)."
     import torch
@@ -475,19 +515,35 @@ def reference_outputs(model_dir:str|Path, # model folder: a merged model, or the
     tok = AutoTokenizer.from_pretrained(model_dir)
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     room = torch.cuda.mem_get_info()[0] if dev == 'cuda' else os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    dtype = torch.float32 if 4 * _safetensors_params(Path(model_dir)) < 0.8 * room else torch.bfloat16
-    with quiet():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    fp32 = 4 * _safetensors_params(Path(model_dir))
+    dtype = getattr(torch, dtype) if dtype else torch.float32 if fp32 < 0.8 * room and (dev == 'cuda' or fp32 <= HOST_BUDGET) else torch.bfloat16
+    with quiet():  # on a GPU the weights load straight into its memory, tensor by tensor: no full copy in host memory
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map='cuda' if dev == 'cuda' else None)
         if adapter_dir is not None:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     model = model.to(dev).eval()
     stops, items, threads = stop_ids(tok, model.generation_config), [], torch.get_num_threads()
     torch.set_num_threads(_threads())
-    try: items = [_reference_item(model, tok, msgs, stops, max_new_tokens, dev) for msgs in prompts]
+    try:
+        items = [_reference_item(model, tok, msgs, stops, max_new_tokens, dev) for msgs in prompts]
+        forced, left = [], max_answer_tokens
+        for chat in answers:
+            if left <= 0: break
+            forced.append(_forced_item(model, tok, chat, min(left, 128), dev)); left -= len(forced[-1]['answer'])
     finally: torch.set_num_threads(threads)
     del model
-    return dict(items=items, stops=stops, tokenizer=tok, dtype=str(dtype).removeprefix('torch.'))
+    return dict(items=items, forced=[f for f in forced if f['answer']], stops=stops, tokenizer=tok, dtype=str(dtype).removeprefix('torch.'))
+
+def _forced_item(model, tok, chat, n, dev):
+    "A chat's prompt ids, its answer's first `n` tokens as training formats them, and the model's argmax at each of them."
+    import torch
+    ids = tok(tok.apply_chat_template(chat[:-1], add_generation_prompt=True, tokenize=False), add_special_tokens=False).input_ids
+    full = tok(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False).input_ids
+    answer = full[len(ids):len(ids) + n] if full[:len(ids)] == ids else []
+    if not answer: return dict(ids=ids, answer=[], argmax=[])
+    with torch.inference_mode(): logits = model(torch.tensor([ids + answer], device=dev)).logits[0, len(ids)-1:len(ids)-1+len(answer)]
+    return dict(ids=ids, answer=answer, argmax=logits.argmax(-1).tolist())
 
 def _reference_item(model, tok, msgs, stops, max_new_tokens, dev):
     "Prompt text and ids, greedy continuation, first-token logits and top-2 margins for one chat."
@@ -531,8 +587,9 @@ def verify_gguf(gguf_path:str|Path, # the GGUF to check
     tok, items = ref['tokenizer'], ref['items']
     with tempfile.TemporaryDirectory() as d:
         job = dict(task='eval', path=str(gguf_path), dir=d, stops=ref['stops'], max_new_tokens=max_new_tokens,
-                   n_ctx=max(len(it['ids']) + max_new_tokens for it in items) + 16,
-                   items=[{k: it[k] for k in ('text', 'ids', 'continuation')} for it in items])
+                   n_ctx=max([len(it['ids']) + max_new_tokens for it in items] + [len(f['ids']) + len(f['answer']) for f in ref.get('forced', [])]) + 16,
+                   items=[{k: it[k] for k in ('text', 'ids', 'continuation')} for it in items],
+                   forced=[{k: f[k] for k in ('ids', 'answer')} for f in ref.get('forced', [])])
         res = _llama_job(job, f"checking `{gguf_path.name}`")
         firsts = [np.load(f"{d}/first{i}.npy") for i in range(len(items))]
     problems = []
@@ -540,7 +597,8 @@ def verify_gguf(gguf_path:str|Path, # the GGUF to check
     tol, floor, sixteen = _LOGIT_TOL.get(qtype), _top1_floor(qtype), qtype in _LOGIT_TOL
     if sixteen and ref['dtype'] != 'float32': tol = max(tol, _LOGIT_TOL['bf16'])  # the reference itself is rounded
     diff = max(float(np.abs(f - it['first_logits']).max()) for f, it in zip(firsts, items))
-    agree = [a == b for it, r in zip(items, res['items']) for a, b in zip(r['teacher'], it['continuation'])]
+    agree = [a == b for f, got in zip(ref.get('forced', []), res['forced']) for a, b in zip(got, f['argmax'])]  # the data's answers, teacher-forced
+    if not agree: agree = [a == b for it, r in zip(items, res['items']) for a, b in zip(r['teacher'], it['continuation'])]
     top1 = sum(agree) / max(len(agree), 1)
     greedy = []
     for n, (it, r) in enumerate(zip(items, res['items'])):
@@ -553,10 +611,10 @@ def verify_gguf(gguf_path:str|Path, # the GGUF to check
     if not sixteen and top1 < floor: problems.append(f"teacher-forced top-1 agreement {top1:.2f} is below {floor} for {qtype}")
     report = dict(file=gguf_path.name, type=qtype, bytes=meta['bytes'], passed=not problems, problems=problems,
                   prompts=len(items), greedy=greedy, first_logits_max_abs_diff=round(diff, 5), logit_tolerance=tol,
-                  top1_agreement=round(top1, 4), top1_floor=floor, reference_dtype=ref['dtype'], first_token_match=all(r['teacher'][:1] == it['continuation'][:1] for it, r in zip(items, res['items'])),
+                  top1_agreement=round(top1, 4), top1_tokens=len(agree), top1_floor=floor, reference_dtype=ref['dtype'], first_token_match=all(r['teacher'][:1] == it['continuation'][:1] for it, r in zip(items, res['items'])),
                   tokens={k: meta[k] for k in ('bos', 'eos', 'pad')} | dict(eot=res['eot'], pre=meta['pre']),
                   chat_template=bool(meta['chat_template']), tensor_types=meta['tensor_types'])
-    log.info(f"verify: {gguf_path.name}: {'ok' if not problems else 'FAILED'}; greedy {greedy}, first-logit max diff {diff:.4f}, top-1 {top1:.2f}")
+    log.info(f"verify: {gguf_path.name}: {'ok' if not problems else 'FAILED'}; greedy {greedy}, first-logit max diff {diff:.4f}, top-1 {top1:.2f} over {len(agree)} tokens")
     if check and problems: raise ExportError(f"`{gguf_path.name}` failed verification: " + '; '.join(problems) + '.')
     return report
 
@@ -663,31 +721,62 @@ def _prepare(cfg, base, adapter_dir, stats):
     free = check_disk(out, need['total'] - need['checkpoints'])
     log.info(f"export: {base.n_params/1e9:.2f} B parameters; needs about {need['total']/1e9:.1f} GB of disk, {free/1e9:.0f} GB free")
     disk = dict(estimate=need, free_before=free)
-    if fused: return export_source(cfg, adapter_dir, out/'export-src', base), adapter_dir, 'inside the conversion', disk
-    with _stage('merge', stats): src = merge_adapter(cfg, adapter_dir, out/'merged', base=base)
+    if fused:
+        with writing("the converter's source folder `export-src`", out, AGAIN):
+            return export_source(cfg, adapter_dir, out/'export-src', base), adapter_dir, 'inside the conversion', disk
+    with _stage('merge', stats), writing('the merged model `merged/`', out, AGAIN): src = merge_adapter(cfg, adapter_dir, out/'merged', base=base)
     return src, None, dict(folder=src.name, bytes=sum(f.stat().st_size for f in src.iterdir())), disk
 
+def unverified(path:str|Path) -> Path:
+    "Where a GGUF lies until it passes verification: `taide-q4_k_m.gguf` -> `taide-q4_k_m.unverified.gguf`."
+    path = Path(path)
+    return path.with_name(path.name.removesuffix('.gguf') + '.unverified.gguf')
+
+def _promote(path:Path) -> Path:
+    "Rename a verified GGUF to its final name (and keep what `read_gguf` knows of it)."
+    dest = path.with_name(path.name.replace('.unverified.gguf', '.gguf'))
+    meta = read_gguf(path)
+    os.replace(path, dest)
+    st = dest.stat(); _READ_CACHE[(str(dest.resolve()), st.st_size, st.st_mtime_ns)] = meta
+    return dest
+
+def _sixteen(cfg, src) -> list:
+    types = list(cfg.quant.quantization_method)
+    return [t for t in types if t in _OUTTYPES and t != 'q8_0'] or [_sixteen_bit(src)]
+
 def _convert_and_quantize(cfg, src, lora, stats) -> tuple:
-    "3) and 4): every 16-bit type asked for (or the one quantization starts from), then each quantized type; (paths, 16-bit types)."
+    "3) and 4): every 16-bit type asked for (or the one quantization starts from), then each quantized type, under unverified names; (paths, 16-bit types)."
     out, types = cfg.output_dir, list(cfg.quant.quantization_method)
-    sixteen, paths = [t for t in types if t in _OUTTYPES and t != 'q8_0'] or [_sixteen_bit(src)], {}
+    sixteen, paths = _sixteen(cfg, src), {}
     with _stage('convert', stats):
-        for t in sixteen: paths[t] = convert_to_gguf(src, out/gguf_name(cfg, t), t, model_name=cfg.model.new_model_name, adapter_dir=lora)
+        for t in sixteen:
+            dest = unverified(out/gguf_name(cfg, t))
+            with writing(f"`{dest.name}`", out, AGAIN): paths[t] = convert_to_gguf(src, dest, t, model_name=cfg.model.new_model_name, adapter_dir=lora)
     with _stage('quantize', stats):
         for t in types:  # the source was just written here (renamed into place only when complete): no need to read it through first
-            if t not in paths: paths[t] = quantize_gguf(paths[sixteen[0]], out/gguf_name(cfg, t), t, check_src=False)
+            if t not in paths: paths[t] = quantize_gguf(paths[sixteen[0]], unverified(out/gguf_name(cfg, t)), t, check_src=False)
     return paths, sixteen
 
 def _verify(cfg, src, lora, paths, stats, max_new_tokens, n_prompts) -> tuple:
     "5): every file against base + adapter in transformers; (report by type, its path); `ExportError` if one fails."
     types = list(cfg.quant.quantization_method)
     with _stage('verify', stats):
-        ref = reference_outputs(src, training_prompts(cfg, n_prompts), max_new_tokens, lora)
+        ref = reference_outputs(src, training_prompts(cfg, n_prompts), max_new_tokens, lora, answers=training_chats(cfg))
         report = {t: verify_gguf(paths[t], src, qtype=t, reference=ref, max_new_tokens=max_new_tokens, check=False) for t in types}
-    report_path = _write_json(cfg.output_dir/'export_report.json', dict(stages=stats, results=report))
+    with writing('`export_report.json`', cfg.output_dir, AGAIN): report_path = _write_json(cfg.output_dir/'export_report.json', dict(stages=stats, results=report))
     failed = [r for r in report.values() if not r['passed']]
-    if failed: raise ExportError(' '.join(f"`{r['file']}` failed verification: {'; '.join(r['problems'])}." for r in failed) + f" See {report_path}.")
+    if failed: raise ExportError(' '.join(f"`{r['file']}` failed verification: {'; '.join(r['problems'])}." for r in failed)
+                                 + f" It keeps that name, so that nothing takes it for a checked file; see {report_path}.")
+    for t in types: paths[t] = _promote(paths[t]); report[t]['file'] = paths[t].name  # an intermediate 16-bit file is deleted unverified
     return report, report_path
+
+def _clear_unverified(cfg):
+    "Remove this run's unverified GGUFs that an earlier export left (a failed check, or Ctrl-C during it)."
+    for t in dict.fromkeys(['f16', 'bf16'] + list(cfg.quant.quantization_method)):
+        p = unverified(cfg.output_dir/gguf_name(cfg, t))
+        if p.exists():
+            log.info(f"export: removing {p.name} ({p.stat().st_size/2**20:,.0f} MiB), left unverified by an earlier export")
+            p.unlink()
 
 # %% ../nbs/05_export.ipynb #0f2b4d6e
 def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prompts come from here
@@ -697,6 +786,9 @@ def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prom
                 base:BaseModel|None=None # default: `resolve_base(BASE_MODEL_NAME)`
                ) -> ExportResult:
     "Merge, convert, quantize, verify and package: GGUF files, Modelfile, report and manifest in OUTPUT_DIR."
+    with output_lock(cfg.output_dir, 'export_gguf'): return _export_gguf(cfg, adapter_dir, max_new_tokens, n_prompts, base)
+
+def _export_gguf(cfg, adapter_dir, max_new_tokens, n_prompts, base):
     from transformers import AutoTokenizer
     out, adapter_dir = cfg.output_dir, Path(adapter_dir or cfg.output_dir/'adapter')
     check_converter()
@@ -706,7 +798,9 @@ def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prom
     if ollama_name(cfg) != cfg.model.new_model_name.strip().lower():
         log.warning(f"NEW_MODEL_NAME = {cfg.model.new_model_name}: Ollama names take lowercase letters, digits, '_', '-' and '.', "
                     f"so the model is `{ollama_name(cfg)}` (files `{gguf_name(cfg, types[0])}`, ...); set NEW_MODEL_NAME to such a name to choose another.")
-    src, lora, merge, disk = _prepare(cfg, base or resolve_base(cfg.model.base_model_name), adapter_dir, stats)
+    base = base or resolve_base(cfg.model.base_model_name)
+    _clear_unverified(cfg)
+    src, lora, merge, disk = _prepare(cfg, base, adapter_dir, stats)
     try:
         tok = AutoTokenizer.from_pretrained(src)
         derive_template(tok, cfg.data.system_prompt.strip(), add_bos=tokenizer_adds_bos(tok))  # fail now, not after an hour of conversion
@@ -722,8 +816,12 @@ def export_gguf(cfg:RunConfig, # QUANTIZATION_METHOD, OUTPUT_DIR, names and prom
     finally:
         if lora is not None: shutil.rmtree(src, ignore_errors=True)
     # 6) package
-    modelfiles = {t: write_modelfile(cfg, paths[t], tok, out/('Modelfile' if i == 0 else f'Modelfile.{t}')) for i, t in enumerate(types)}
-    manifest_path = _write_json(out/'manifest.json', manifest(cfg, paths, others + [*modelfiles.values(), report_path], merge, disk, stats, report))
+    peak = max(max(s['peak_rss_mb'], s['llama_cpp_peak_rss_mb'] or 0) for s in stats.values())
+    log.info(f"export: peak host memory {peak/1024:.2f} GiB (the largest stage, this process or a llama.cpp subprocess)")
+    with writing('the Modelfile and `manifest.json`', out, AGAIN):
+        modelfiles = {t: write_modelfile(cfg, paths[t], tok, out/('Modelfile' if i == 0 else f'Modelfile.{t}')) for i, t in enumerate(types)}
+        man = manifest(cfg, paths, others + [*modelfiles.values(), report_path], merge, disk, stats, report) | dict(peak_rss_mb=peak)
+        manifest_path = _write_json(out/'manifest.json', man)
     cmd = f"cd {shlex.quote(str(out))} && ollama create {ollama_name(cfg)} -f Modelfile"
     log.info(f"export: done. To use it with Ollama: {cmd}")
     return ExportResult(paths, modelfiles[types[0]], report, report_path, manifest_path, cmd)

@@ -33,6 +33,10 @@ class RunResult:
 
 def fine_tune(cfg:RunConfig) -> RunResult:
     "Every stage for `cfg`: plan, model, data, LoRA, training, evaluation, export; returns what each produced."
+    from taide_ft.training import output_lock
+    with output_lock(cfg.output_dir, 'fine_tune'): return _fine_tune(cfg)
+
+def _fine_tune(cfg):
     from taide_ft.dataset import build_dataset
     from taide_ft.evaluate import evaluate
     from taide_ft.model import add_lora, load_model
@@ -101,6 +105,10 @@ def load_tuned(cfg:RunConfig, plan:Plan) -> tuple:
 
 def evaluate_saved(cfg:RunConfig):
     "The evaluation of a finished run, again: eval loss and answers with the adapter off and on, and the GGUF's answers."
+    from taide_ft.training import output_lock
+    with output_lock(cfg.output_dir, 'evaluate_saved'): return _evaluate_saved(cfg)
+
+def _evaluate_saved(cfg):
     from types import SimpleNamespace
     from taide_ft.dataset import build_dataset
     from taide_ft.evaluate import evaluate

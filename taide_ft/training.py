@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_training.ipynb #b43acb57
 from __future__ import annotations
-import contextlib, json, logging, math, os, random, re, shutil, signal, sys, threading, time
+import contextlib, errno, fcntl, json, logging, math, os, random, re, shutil, signal, socket, struct, sys, threading, time, zipfile
 from dataclasses import dataclass, field, asdict
 from datetime import timedelta
 from pathlib import Path
@@ -13,11 +13,12 @@ from .environment import (ModelError, Plan, barrier, dist_env, dist_init, is_mai
                                   setup_logging)
 
 # %% auto #0
-__all__ = ['log', 'MICRO_OVERHEAD', 'bucket_length', 'cut_step', 'micro_batch_cost', 'deal', 'group_rows', 'pack_bins',
-           'Schedule', 'PadCollator', 'PackCollator', 'StepData', 'EpochSampler', 'checkpoint_complete', 'checkpoints',
-           'last_checkpoint', 'TrainingDiverged', 'TrainingInterrupted', 'GPUOutOfMemory', 'progress_bar', 'plan_steps',
-           'train_eval_rows', 'make_steps', 'mean_loss', 'oom_advice', 'TrainStats', 'train', 'save_adapter', 'PNGPath',
-           'plot_loss']
+__all__ = ['log', 'MICRO_OVERHEAD', 'LOCK_FILE', 'LOW_DISK', 'bucket_length', 'cut_step', 'micro_batch_cost', 'deal',
+           'group_rows', 'pack_bins', 'Schedule', 'PadCollator', 'PackCollator', 'StepData', 'EpochSampler',
+           'checkpoint_problem', 'checkpoint_complete', 'checkpoints', 'last_checkpoint', 'OutputBusy', 'clean_temps',
+           'output_lock', 'DiskFull', 'write_errno', 'deletable', 'disk_error', 'writing', 'TrainingDiverged',
+           'TrainingInterrupted', 'GPUOutOfMemory', 'progress_bar', 'plan_steps', 'train_eval_rows', 'make_steps',
+           'mean_loss', 'oom_advice', 'TrainStats', 'train', 'save_adapter', 'PNGPath', 'plot_loss']
 
 # %% ../nbs/04_training.ipynb #611b213d
 log = logging.getLogger('taide_ft.training')  # by name, not __name__, so that the notebook logs as the module does
@@ -236,12 +237,36 @@ class EpochSampler:
 # %% ../nbs/04_training.ipynb #5e1a7c3f
 _CKPT = re.compile(r'^checkpoint-(\d+)$')
 
-def checkpoint_complete(path:str|Path) -> bool:
-    "True when `path` holds a fully written checkpoint (its `trainer_state.json` reads and names its own step)."
+def _safetensors_problem(p:Path) -> str|None:
+    try:
+        size = p.stat().st_size
+        with open(p, 'rb') as f:
+            n = struct.unpack('<Q', f.read(8))[0]
+            if 8 + n > size: return f"`{p.name}` is cut short ({size:,} bytes, its header alone needs {8 + n:,})"
+            head = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e: return f"`{p.name}` has no readable safetensors header ({type(e).__name__})"
+    end = 8 + n + max((v['data_offsets'][1] for k, v in head.items() if k != '__metadata__'), default=0)
+    return None if end == size else f"`{p.name}` is {size:,} bytes but its tensors need {end:,}"
+
+def checkpoint_problem(path:str|Path) -> str|None:
+    "Why the checkpoint in `path` would not load (None when it looks whole), from its files and headers, without loading it."
     path = Path(path); m = _CKPT.match(path.name)
     try: state = json.loads((path/'trainer_state.json').read_text(encoding='utf-8'))
-    except (OSError, ValueError): return False
-    return bool(m) and state.get('global_step') == int(m.group(1)) and any(path.glob('adapter_model.*'))
+    except OSError: return "no `trainer_state.json` (the run stopped while saving it)"
+    except ValueError: return "`trainer_state.json` does not parse (cut short while saving?)"
+    if not m or state.get('global_step') != int(m.group(1)): return f"`trainer_state.json` is for step {state.get('global_step')}"
+    weights = sorted(path.glob('adapter_model.*'))
+    if not weights: return "no `adapter_model.safetensors`"
+    for p in weights:
+        if p.suffix == '.safetensors' and (why := _safetensors_problem(p)): return why
+    for name in ('optimizer.pt', 'scheduler.pt', 'rng_state.pth'):
+        p = path/name
+        if p.exists() and not zipfile.is_zipfile(p): return f"`{name}` is cut short or damaged"
+    return None
+
+def checkpoint_complete(path:str|Path) -> bool:
+    "True when `path` holds a checkpoint that looks whole (see `checkpoint_problem`)."
+    return checkpoint_problem(path) is None
 
 def checkpoints(output_dir:str|Path) -> list:
     "[(step, path, complete)] of the `checkpoint-N` folders in `output_dir`, oldest first."
@@ -255,6 +280,14 @@ def last_checkpoint(output_dir:str|Path) -> Path|None:
     done = [p for s, p, ok in checkpoints(output_dir) if ok]
     return done[-1] if done else None
 
+def _set_aside(p:Path, folder:Path) -> Path:
+    "Move `p` into `folder` under its own name (with -2, -3, ... if taken); the new path."
+    folder.mkdir(parents=True, exist_ok=True)
+    dest, k = folder/p.name, 1
+    while dest.exists(): k += 1; dest = folder/f"{p.name}-{k}"
+    shutil.move(str(p), str(dest))
+    return dest
+
 def _prepare_resume(cfg:RunConfig) -> Path|None:
     "The checkpoint to resume from (None to start afresh), after clearing what must not be picked up."
     found = checkpoints(cfg.output_dir)
@@ -266,9 +299,138 @@ def _prepare_resume(cfg:RunConfig) -> Path|None:
         return None
     for s, p, ok in found:
         if not ok:
-            shutil.rmtree(p, ignore_errors=True)
-            log.warning(f"removed {p.name}: incomplete (the run stopped while saving it).")
+            why = checkpoint_problem(p)
+            dest = _set_aside(p, cfg.output_dir/'broken')
+            log.warning(f"skipped {p.name}: it would not load: {why}; moved it to {dest.relative_to(cfg.output_dir)} (delete it when you like).")
     return last_checkpoint(cfg.output_dir)
+
+
+# %% ../nbs/04_training.ipynb #6f13c3b7
+class OutputBusy(TaideError, RuntimeError):
+    "Another process is running in OUTPUT_DIR."
+
+LOCK_FILE = '.taide_ft.lock'
+_HELD = {}  # OUTPUT_DIR (resolved) -> the lock file's descriptor, in the process that holds it
+_TMP = re.compile(r'^\..+\.[a-z0-9_]{8}\.tmp$')  # `atomic_path`'s temporary names
+
+def _holder(fd:int) -> dict|None:
+    try: h = json.loads(os.pread(fd, 4096, 0) or b'null')
+    except ValueError: return None
+    return h if isinstance(h, dict) else None
+
+def _who(h:dict) -> str: return f"PID {h.get('pid')} on {h.get('host')}, started {h.get('started')} ({h.get('command')})"
+
+def _take_lock(d:Path, what:str) -> tuple:
+    "(descriptor, details a dead holder left or None); `OutputBusy` while another process holds it."
+    d.mkdir(parents=True, exist_ok=True)
+    fd = os.open(d/LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        h = _holder(fd); os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN): raise
+        raise OutputBusy(f"[Training] OUTPUT_DIR = {d} is in use by another run: {_who(h) if h else 'a process that is just starting'}. "
+                         f"Wait for it to end (or stop it), or set OUTPUT_DIR to another folder for {what}.") from None
+    old = _holder(fd)
+    info = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime('%Y-%m-%d %H:%M:%S %Z'), command=what)
+    os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(info).encode(), 0)
+    return fd, old
+
+def clean_temps(output_dir:str|Path) -> list:
+    "Remove the temporary files and folders `atomic_path` left in `output_dir` (call it only while holding the lock); their names."
+    gone = []
+    for p in sorted(Path(output_dir).iterdir()):
+        if not _TMP.match(p.name): continue
+        size = sum(f.stat().st_size for f in p.rglob('*') if f.is_file()) if p.is_dir() else p.lstat().st_size
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        gone.append(f"{p.name} ({size/2**20:,.1f} MiB)")
+    if gone: log.info(f"removed {len(gone)} temporary file(s) that an interrupted run left in {output_dir}: {', '.join(gone)}")
+    return gone
+
+@contextlib.contextmanager
+def output_lock(output_dir:str|Path, # the run's OUTPUT_DIR
+                what:str='a run' # what takes it, for the message another run gets: `taide-ft run`, `export_gguf`, ...
+               ):
+    "Hold OUTPUT_DIR for the block (rank 0; re-entrant); `OutputBusy` naming the holder while another process has it."
+    d = Path(output_dir).resolve()
+    if not is_main() or d in _HELD: yield; return
+    fd, old = _take_lock(d, what)
+    _HELD[d] = fd
+    try:
+        setup_logging(d)
+        if old and old.get('pid') != os.getpid():
+            log.warning(f"OUTPUT_DIR {d}: taking over the lock of {_who(old)}, which ended without releasing it (killed?).")
+        clean_temps(d)
+        yield
+    finally:
+        del _HELD[d]
+        with contextlib.suppress(OSError): os.ftruncate(fd, 0)
+        os.close(fd)  # releases the lock
+
+
+# %% ../nbs/04_training.ipynb #4d8072b7
+class DiskFull(TaideError, OSError):
+    "Writing an output failed: the disk is full, or another I/O error."
+
+_IO_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+_IO_WORDS = [('No space left on device', errno.ENOSPC), ('StorageFull', errno.ENOSPC), ('os error 28', errno.ENOSPC),
+             ('Disk quota exceeded', errno.EDQUOT), ('os error 122', errno.EDQUOT), ('file write failed', errno.EIO),
+             ('Input/output error', errno.EIO), ('Read-only file system', errno.EROFS)]
+LOW_DISK = 256 * 2**20  # below this, a write failure that hides its cause is taken for a full disk
+
+def write_errno(e:BaseException) -> int|None:
+    "The errno of the failed write behind `e` (or its causes), also where a library's message hides it; None if it is no I/O error."
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in _IO_ERRNOS: return e.errno
+        no = next((n for w, n in _IO_WORDS if w in str(e)), None)
+        if no: return no
+        e = e.__cause__ or e.__context__
+    return None
+
+def _size(p:Path) -> int: return sum(f.stat().st_size for f in p.rglob('*') if f.is_file()) if p.is_dir() else p.stat().st_size
+
+def deletable(output_dir:str|Path) -> list:
+    "[(path, bytes)] under `output_dir` that a run does not need: checkpoints older than the newest, those moved aside, unverified GGUFs, leftovers."
+    d = Path(output_dir)
+    if not d.is_dir(): return []
+    done = [p for _, p, ok in checkpoints(d) if ok]
+    found = done[:-1] + [p for p in (d/'broken', d/'previous') if p.exists()]
+    found += sorted(d.glob('*.unverified.gguf')) + [p for p in sorted(d.iterdir()) if _TMP.match(p.name)]
+    return [(p, _size(p)) for p in found]
+
+def disk_error(e:BaseException, # what the write raised
+               what:str, # what was being written, e.g. "checkpoint-40"
+               folder:str|Path, # OUTPUT_DIR
+               again:str='Then run again' # how to go on
+              ) -> DiskFull|None:
+    "The `DiskFull` to raise for `e`, or None when `e` is no I/O error."
+    no = write_errno(e)
+    if no is None: return None
+    p = Path(folder)
+    while not p.exists(): p = p.parent
+    free = shutil.disk_usage(p).free
+    if no == errno.EIO and free < LOW_DISK: no = errno.ENOSPC
+    gib = lambda n: f"{n/2**30:.2f} GiB" if n >= 2**28 else f"{n/2**20:.1f} MiB"
+    if no in (errno.ENOSPC, errno.EDQUOT):
+        head = f"the disk of `{folder}` is full ({os.strerror(no)}) while writing {what}; {gib(free)} free now."
+    else: head = f"writing {what} in `{folder}` failed: {os.strerror(no)} ({gib(free)} free). Check the disk."
+    spare = deletable(folder)
+    tip = (" Safe to delete: " + ', '.join(f"`{q.relative_to(folder)}` ({gib(n)})" for q, n in spare) + "." if spare else
+           " Nothing under OUTPUT_DIR can go: free space elsewhere on that disk, or set OUTPUT_DIR to a bigger one.")
+    return DiskFull(f"{head}{tip} {again}.")
+
+@contextlib.contextmanager
+def writing(what, # what the block writes (text, or a function giving it when the error comes)
+            folder:str|Path, # OUTPUT_DIR
+            again:str='Then run again' # how to go on, e.g. "Then run again: training resumes from the last checkpoint"
+           ):
+    "Turn a full disk or an I/O error in the block into one `DiskFull` message."
+    try: yield
+    except TaideError: raise
+    except Exception as e:
+        err = disk_error(e, what() if callable(what) else what, folder, again)
+        if err is None: raise
+        raise err from e
+
 
 # %% ../nbs/04_training.ipynb #4283914b
 class TrainingDiverged(TaideError, RuntimeError):
@@ -441,6 +603,9 @@ def train(cfg:RunConfig, # [Training], OUTPUT_DIR
           args:dict|None=None # `SFTConfig` fields over those made from `cfg`, as in `make_trainer`
          ) -> TrainStats:
     "Train `model` (with LoRA) on `data`, resuming from the last checkpoint; save the adapter, statistics and loss curve."
+    with output_lock(cfg.output_dir, 'train'): return _train(cfg, plan, model, tokenizer, data, args)
+
+def _train(cfg, plan, model, tokenizer, data, args):
     import torch
     from taide_ft.model import import_backend
     import_backend(plan)  # Unsloth before TRL
@@ -460,10 +625,12 @@ def train(cfg:RunConfig, # [Training], OUTPUT_DIR
              f"up to {plan.micro_tokens:,} tokens; learning rate {t.learning_rate:g}, warm-up {trainer.args.warmup_steps}, "
              + (f"checkpoint every {t.save_steps} steps in {cfg.output_dir}" if t.save_steps else f"no checkpoints (SAVE_STEPS = 0); output in {cfg.output_dir}"))
     if resume: log.info(f"resuming from {resume.name} (step {resumed_from}/{trainer.args.max_steps}); set RESUME = false to start over")
+    again = "Then run again with the same OUTPUT_DIR: training resumes from the newest checkpoint"
     reset_peaks()
     t0 = time.time()
     try:
-        with _stop_on_signals(mon): trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with _stop_on_signals(mon), writing(lambda: f"checkpoint-{trainer.state.global_step}", cfg.output_dir, again):
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except RuntimeError as e:  # torch.OutOfMemoryError, or a library's own "out of memory" error
         if not (isinstance(e, torch.OutOfMemoryError) or 'out of memory' in str(e).lower()): raise
         if plan.device == 'cuda': torch.cuda.empty_cache()
@@ -474,12 +641,15 @@ def train(cfg:RunConfig, # [Training], OUTPUT_DIR
         trainer.evaluate()
     stats = _stats(trainer, plan, runtime, resumed_from, interrupted)
     if not interrupted: stats.adapter_dir = str(cfg.output_dir/'adapter')
+    kept = _trained_before(cfg, stats) if mon.steps == 0 else None
+    if kept: stats = kept
     if is_main():  # one process writes; the others wait until the adapter is there
-        if not interrupted: save_adapter(cfg, trainer.model, tokenizer)
-        stats.save(cfg.output_dir/'train_stats.json')
-        try:
-            if stats.log_history: plot_loss(stats, cfg.output_dir/'loss.png')
-        except ImportError: log.warning("matplotlib is not installed: no loss.png (`pip install matplotlib`); the losses are in train_stats.json.")
+        with writing('the adapter, train_stats.json and loss.png', cfg.output_dir, again):
+            if not interrupted: save_adapter(cfg, trainer.model, tokenizer)
+            if not kept: stats.save(cfg.output_dir/'train_stats.json')
+            try:
+                if stats.log_history: plot_loss(stats, cfg.output_dir/'loss.png')
+            except ImportError: log.warning("matplotlib is not installed: no loss.png (`pip install matplotlib`); the losses are in train_stats.json.")
     barrier()
     log.info(f"training {'stopped' if interrupted else 'done'}: {stats.summary()}")
     if interrupted:
@@ -503,6 +673,16 @@ def _stats(trainer, plan, runtime, resumed_from, interrupted) -> TrainStats:
                       resumed_from=resumed_from, tokens=mon.tokens, backend=plan.backend,
                       device=torch.cuda.get_device_name() if plan.device == 'cuda' else 'cpu',
                       interrupted=interrupted, processes=plan.processes, log_history=hist)
+def _trained_before(cfg, stats) -> TrainStats|None:
+    "The statistics of the run that trained, when this one resumed at the last step and trained nothing (not 0 s and 0 tokens/s)."
+    p = cfg.output_dir/'train_stats.json'
+    try: old = json.loads(p.read_text(encoding='utf-8'))
+    except (OSError, ValueError): return None
+    if old.get('steps') != stats.steps or old.get('interrupted') or not old.get('tokens'): return None
+    log.info(f"nothing to train: step {stats.steps}/{stats.max_steps} was reached before; keeping {p.name} of the run that trained.")
+    names = {f.name for f in TrainStats.__dataclass_fields__.values()}
+    return TrainStats(**{k: v for k, v in old.items() if k in names})
+
 
 # %% ../nbs/04_training.ipynb #23183787
 def save_adapter(cfg:RunConfig, model, tokenizer) -> Path:

@@ -235,3 +235,89 @@ def test_lora_adapter_gguf_matches_the_merged_model(llama_export, tmp_path):
     assert np.abs(with_lora - merged).max() < 0.05, np.abs(with_lora - merged).max()
     assert np.abs(alone - merged).max() > 10 * np.abs(with_lora - merged).max()
     assert with_lora.argmax() == merged.argmax()
+
+
+@pytest.fixture(scope='module')
+def tiny_f16(tmp_path_factory):
+    from taide_ft.export import convert_to_gguf
+    tmp = tmp_path_factory.mktemp('f16')
+    return convert_to_gguf(tiny_llama(tmp/'base', hidden_size=256), tmp/'tiny-f16.gguf', 'f16')
+
+
+# Start `quantize_gguf` in a child (the "parent" of llama.cpp's quantizer), kill -9 that parent once the quantizer
+# runs, and report how the quantizer ended. This process is a subreaper: the orphaned quantizer becomes its child,
+# so its exit status can be read.
+REAPER = r'''
+import ctypes, json, os, signal, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+parent = subprocess.Popen([sys.executable, '-c', "import sys; from taide_ft.export import quantize_gguf; quantize_gguf(sys.argv[1], sys.argv[2], 'q4_k_m')", sys.argv[1], sys.argv[2]])
+def children(pid):
+    try: return [int(c) for t in os.listdir(f'/proc/{pid}/task') for c in open(f'/proc/{pid}/task/{t}/children').read().split()]
+    except OSError: return []
+t0 = time.time()
+while time.time() - t0 < 120:
+    kids = [k for k in children(parent.pid) if b'PDEATHSIG' in open(f'/proc/{k}/cmdline', 'rb').read() or b'prctl' in open(f'/proc/{k}/cmdline', 'rb').read()]
+    if kids: break
+    time.sleep(0.01)
+time.sleep(0.3)  # the quantizer is past its first lines
+os.kill(parent.pid, signal.SIGKILL); parent.wait()
+t1 = time.time()
+pid, status = os.waitpid(kids[0], 0)
+print(json.dumps(dict(signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None, code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None, seconds=time.time() - t1)))
+'''
+
+
+def test_the_quantizer_ends_with_its_parent(tiny_f16, tmp_path):
+    "kill -9 of the process that runs `quantize_gguf`: llama.cpp's quantizer child is killed with it, and leaves no GGUF."
+    if sys.platform != 'linux': pytest.skip('PR_SET_PDEATHSIG is Linux only')
+    dest = tmp_path/'q.gguf'
+    p = subprocess.run([sys.executable, '-c', REAPER, str(tiny_f16), str(dest)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res['signal'] == 9 and res['seconds'] < 5, (res, p.stderr[-2000:])
+    assert not dest.exists()
+
+
+def test_quantize_on_a_full_disk(tiny_f16, tmp_path):
+    "The quantizer's output on a real 20 MiB file system that fills up: llama.cpp says only `iostream error`; the message says the disk is full."
+    from taide_ft.export import quantize_gguf
+    from taide_ft.training import DiskFull
+    d = tmp_path/'small'; d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=20m', 'tmpfs', str(d)], capture_output=True).returncode:
+        pytest.skip('mounting a small tmpfs needs root')
+    try:
+        with pytest.raises(DiskFull) as e: quantize_gguf(tiny_f16, d/'tiny-q8_0.gguf', 'q8_0')
+        msg = str(e.value)
+        assert re.match(rf"the disk of `{re.escape(str(d))}` is full \(No space left on device\) while writing `tiny-q8_0.gguf` "
+                        r"\(llama.cpp quantizing to q8_0: llama_model_quantize: failed to quantize: .*\); 20.0 MiB free now\.", msg), msg
+        assert msg.endswith("`taide-ft export` exports from the saved adapter alone."), msg
+        assert os.listdir(d) == []  # the partial file is gone
+    finally: subprocess.run(['umount', '-l', str(d)])
+
+
+def test_ctrl_c_during_verification_leaves_no_file_under_its_final_name(tmp_path):
+    """Ctrl-C while the export verifies: the GGUFs keep their unverified names. The next export removes them, and
+    renames its files only once they pass."""
+    import signal
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    base = tiny_llama(tmp_path/'base', hidden_size=256)
+    cfg = _config(tmp_path, base)
+    _random_adapter(AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base), cfg.output_dir/'adapter', alpha=16)
+    kw = dict(check_files=False, base_model_name=str(base), output_dir=str(cfg.output_dir), dataset_file=str(tmp_path/'train.jsonl'),
+              quantization_method='f16,q4_k_m', max_seq_length=1024)
+    code = f"from taide_ft.config import load_config; from taide_ft.export import export_gguf; export_gguf(load_config(None, **{kw!r}))"
+    p = subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = cfg.output_dir/'finetune.log'
+    t0 = time.time()
+    while not (log.exists() and 'verify: started' in log.read_text()):
+        assert p.poll() is None and time.time() - t0 < 300, p.stdout.read()[-3000:] if p.poll() is not None else 'timed out'
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    text = p.communicate(timeout=120)[0]
+    assert p.returncode != 0 and 'KeyboardInterrupt' in text, text[-2000:]
+    names = sorted(f.name for f in cfg.output_dir.glob('*.gguf'))
+    assert names == ['taide-f16.unverified.gguf', 'taide-q4_k_m.unverified.gguf'], names
+    res = export_gguf(load_config(None, **kw))
+    assert sorted(f.name for f in cfg.output_dir.glob('*.gguf')) == ['taide-f16.gguf', 'taide-q4_k_m.gguf'] and all(r['passed'] for r in res.report.values())
+    assert 'removing taide-q4_k_m.unverified.gguf' in log.read_text()
+    assert [r['file'] for r in res.report.values()] == ['taide-f16.gguf', 'taide-q4_k_m.gguf']

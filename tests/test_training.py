@@ -383,3 +383,104 @@ def test_a_lone_rows_companion_changes_nothing(tiny):
     assert abs(l2 - l1) < 1e-5 * abs(l1), (l2, l1)
     assert len(g1) == 8  # q and v of 2 layers, A and B
     assert_same_grads(g2, g1)
+
+
+def test_one_run_at_a_time_in_output_dir(tmp_path, tiny):
+    """Two real processes on one OUTPUT_DIR: while `taide-ft run` trains, `taide-ft export` and a second `run` are
+    refused with the holder's PID, host and start time, and write nothing there; once the first is killed (-9) the
+    lock is free, and the next run takes it over with a warning."""
+    import socket
+    from taide_ft.training import last_checkpoint
+    ini = make_run(tmp_path, tiny, steps=400, save=2, batch=2)
+    out = tmp_path/'out'
+    p, _ = start(ini, 'run.txt', cli=True)
+    wait_for(lambda: last_checkpoint(out), p)
+    log_before = (out/'finetune.log').read_text()
+    for cmd in ('export', 'run'):
+        q = subprocess.run([sys.executable, '-m', 'taide_ft', cmd, '--config', str(ini)], cwd=ROOT, capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT), IN_TEST='1', **MALLOC_ENV), timeout=120)
+        text = q.stdout + q.stderr
+        assert q.returncode == 1 and 'Traceback' not in text, text[-2000:]
+        assert re.search(rf"OutputBusy: \[Training\] OUTPUT_DIR = {re.escape(str(out))} is in use by another run: PID {p.pid} on "
+                         rf"{re.escape(socket.gethostname())}, started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d \S+ \(taide-ft run\)\. Wait for it", text), text[-2000:]
+    assert 'OutputBusy' not in (out/'finetune.log').read_text()[len(log_before):]  # the refused runs wrote nothing in the holder's log
+    p.send_signal(signal.SIGKILL); p.wait(60)
+    from taide_ft.training import output_lock
+    with output_lock(out, 'the test'): pass
+    assert re.search(rf"taking over the lock of PID {p.pid} on .*\(taide-ft run\), which ended without releasing it", (out/'finetune.log').read_text())
+
+
+def test_resume_skips_a_checkpoint_that_does_not_load(tmp_path, tiny):
+    """The issue's reproduction: kill -9 once checkpoint-4 is saved (during step 5), cut checkpoint-4's adapter to 100
+    bytes, run again: it resumes from checkpoint-2, says why checkpoint-4 was skipped, and keeps it aside in broken/."""
+    from taide_ft.config import load_config
+    from taide_ft.dataset import build_dataset
+    from taide_ft.environment import make_plan
+    from taide_ft.model import add_lora, load_model
+    from taide_ft.training import checkpoints, last_checkpoint, train
+    ini = make_run(tmp_path, tiny, steps=8, save=2, batch=2)
+    out = tmp_path/'out'
+    p, plog = start(ini, 'run.txt')
+    wait_for(lambda: (c := last_checkpoint(out)) is not None and c.name == 'checkpoint-4', p)
+    p.send_signal(signal.SIGKILL); p.wait(60)
+    assert [s for s, _, ok in checkpoints(out) if ok][-2:] == [2, 4]
+    os.truncate(out/'checkpoint-4'/'adapter_model.safetensors', 100)
+    cfg = load_config(ini)
+    plan = make_plan(cfg)
+    model, tok = load_model(cfg, plan)
+    stats = train(cfg, plan, add_lora(model, cfg, plan), tok, build_dataset(cfg, tok))
+    assert (stats.resumed_from, stats.steps) == (2, 8)
+    text = (out/'finetune.log').read_text()
+    assert re.search(r"skipped checkpoint-4: it would not load: `adapter_model.safetensors` is (cut short|100 bytes)", text), text[-3000:]
+    assert 'moved it to broken/checkpoint-4' in text and 'resuming from checkpoint-2 (step 2/8)' in text
+    assert (out/'broken'/'checkpoint-4'/'adapter_model.safetensors').stat().st_size == 100
+    assert [s for s, _, ok in checkpoints(out) if ok][-1] == 8
+
+
+def test_nan_loss_ends_cleanly_in_the_cli(tmp_path, tiny):
+    "A loss that becomes NaN: `taide-ft run` ends with TrainingDiverged (exit 1), no traceback, the message in finetune.log too."
+    import shutil
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path/'nan-model'; shutil.copytree(tiny, bad)
+    w = load_file(bad/'model.safetensors'); w['model.norm.weight'][:] = float('nan')
+    save_file(w, bad/'model.safetensors', metadata={'format': 'pt'})
+    ini = make_run(tmp_path, bad, steps=3, save=0)
+    q = subprocess.run([sys.executable, '-m', 'taide_ft', 'run', '--config', str(ini)], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), IN_TEST='1', **MALLOC_ENV), timeout=300)
+    text = q.stdout + q.stderr
+    assert q.returncode == 1 and 'Traceback' not in text, text[-3000:]
+    want = 'TrainingDiverged: the loss became nan at step 1/3: training stopped. Lower [Training] LEARNING_RATE'
+    assert want in text and want in (tmp_path/'out'/'finetune.log').read_text(), text[-3000:]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    "A tmpfs of 8 MiB (root only), unmounted afterwards."
+    d = tmp_path/'small'; d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', str(d)], capture_output=True).returncode:
+        pytest.skip('mounting a small tmpfs needs root')
+    yield d
+    subprocess.run(['umount', '-l', str(d)])
+
+
+def test_full_disk_while_saving_a_checkpoint(tmp_path, tiny, small_disk):
+    """OUTPUT_DIR on a real 8 MiB file system, filled but for a few hundred KiB: the first checkpoint cannot be saved.
+    (`taide-ft run` refuses to start on so small a disk; `train` itself does not check.) Training ends with one
+    DiskFull message: what, free space, re-running resumes."""
+    from taide_ft.config import load_config
+    from taide_ft.dataset import build_dataset
+    from taide_ft.environment import make_plan
+    from taide_ft.model import add_lora, load_model
+    from taide_ft.training import DiskFull, train
+    ini = make_run(tmp_path, tiny, steps=6, save=2)
+    ini.write_text(ini.read_text().replace('OUTPUT_DIR = out', f'OUTPUT_DIR = {small_disk}/out'))
+    (small_disk/'filler').write_bytes(b'\0' * (8 * 2**20 - 300 * 2**10))
+    cfg = load_config(ini)
+    plan = make_plan(cfg)
+    model, tok = load_model(cfg, plan)
+    with pytest.raises(DiskFull) as e: train(cfg, plan, add_lora(model, cfg, plan), tok, build_dataset(cfg, tok))
+    msg = str(e.value)
+    m = re.fullmatch(rf"the disk of `{re.escape(str(small_disk))}/out` is full \(No space left on device\) while writing checkpoint-2; "
+                     r"([\d.]+) MiB free now\. (.*)", msg)
+    assert m and float(m.group(1)) < 1, msg
+    assert m.group(2).endswith('Then run again with the same OUTPUT_DIR: training resumes from the newest checkpoint.'), msg
