@@ -354,10 +354,13 @@ def check_family(base:BaseModel) -> Family|None:
         if mt not in GGUF_CONFIG_MAPPING: missing.append(f"transformers' GGUF loader (it reads {', '.join(sorted(set(GGUF_CONFIG_MAPPING) - {'general', 'tokenizer'}))}; give the original model folder instead)")
     elif fam.architecture not in causal.values() and not base.get('auto_map'):
         missing.append("transformers support as a causal language model")
-    from conversion import get_model_class
-    try: get_model_class(fam.architecture)
+    try:
+        from conversion import get_model_class
+        get_model_class(fam.architecture)
+    except ImportError: pass  # the export says how to install the converter
     except NotImplementedError: missing.append("llama.cpp's GGUF converter (convert-hf-to-gguf has no converter for it)")
-    if not base.chat_template: missing.append("a chat template in its tokenizer (use the chat model, or add `chat_template` to its tokenizer_config.json)")
+    if not base.chat_template and base.kind in ('folder', 'gguf'):  # a hub model's tokenizer files may just be out of reach
+        missing.append("a chat template in its tokenizer (use the chat model, or add `chat_template` to its tokenizer_config.json)")
     if missing:
         raise ModelError(f"[Model] BASE_MODEL_NAME = {base.name}: architecture `{fam.architecture}` (model type {mt or 'unknown'}) cannot be fine-tuned "
                          f"and exported here: it needs {'; and '.join(missing)}. Choose a supported base: a TAIDE model (Llama 3.1, Llama 3, "
