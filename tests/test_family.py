@@ -36,6 +36,7 @@ def gemma_run(tmp_path_factory):
     return cfg, run
 
 
+@pytest.mark.slow  # the five share one run: about 2 to 5 minutes on 2 cores, dequantizing included; in the default run
 def test_gemma3_trains_and_evaluates(gemma_run):
     cfg, run = gemma_run
     assert run.plan.backend == 'transformers' and run.plan.dtype == 'float32'
@@ -45,6 +46,7 @@ def test_gemma3_trains_and_evaluates(gemma_run):
     assert run.evaluation is not None and (cfg.output_dir/'eval.md').is_file()
 
 
+@pytest.mark.slow
 def test_gemma3_export_verified(gemma_run):
     from taide_ft.export import read_gguf
     cfg, run = gemma_run
@@ -59,6 +61,7 @@ def test_gemma3_export_verified(gemma_run):
     assert rep['f16']['tokens']['eot'] == 106  # <end_of_turn>
 
 
+@pytest.mark.slow
 def test_gemma3_modelfile_folds_the_system_prompt(gemma_run):
     "Gemma 3 has no system role: the TEMPLATE puts SYSTEM_PROMPT at the head of the first user turn, as the chat template does."
     from transformers import AutoTokenizer
@@ -78,6 +81,7 @@ def test_gemma3_modelfile_folds_the_system_prompt(gemma_run):
     assert llm.tokenize(render_go(tpl, SYSTEM, chat).encode(), add_bos=True, special=True) == want
 
 
+@pytest.mark.slow
 def test_gemma3_gguf_answers_and_stops(gemma_run):
     from taide_ft.export import GGUFChat
     cfg, run = gemma_run
@@ -86,6 +90,7 @@ def test_gemma3_gguf_answers_and_stops(gemma_run):
     assert stopped and 0 < n < 32 and answer, (answer, n, stopped)
 
 
+@pytest.mark.slow
 def test_dequantized_gemma3_matches_its_gguf(gemma_run):
     "The folder transformers dequantized (norms shifted back, embeddings tied) predicts as the GGUF does in llama.cpp."
     from taide_ft.environment import base_folder, resolve_base
