@@ -109,9 +109,9 @@ def _check_sharegpt(obj, ignored):
 @dataclass
 class Row:
     file: str  # file name, for messages
-    line: int  # 1-based line number in that file
-    data: dict  # the parsed object
-    shape: str  # 'instruction' or 'messages'
+    line: int  # 1-based: the line (JSON Lines, JSON), the spreadsheet row (CSV/TSV) or the row (Parquet, `datasets`)
+    data: dict  # the parsed object (a ShareGPT row as its `messages` row)
+    shape: str  # 'instruction', 'messages' or 'sharegpt'
 
 class Rows(list):
     "The valid `Row`s of one data source; `.rejected` holds the bad ones when they were skipped."
