@@ -129,3 +129,12 @@ def test_hub_id_offline_fails_at_once_with_the_way_to_download(tmp_path):
     out, secs = _hub(tmp_path, {'HF_ENDPOINT': 'http://127.0.0.1:9'}, 'hf:taide-ft/no-such-dataset:train')  # nothing listens there
     assert out.startswith('DataError: cannot reach the Hugging Face hub for the dataset `taide-ft/no-such-dataset`'), out
     assert 'set HF_HUB_OFFLINE=1 to use a copy already in this machine' in out and secs < 20, (out, secs)
+
+
+def test_long_rows_of_a_folder_name_their_file(tmp_path):
+    f = tmp_path/'data'; f.mkdir()
+    write_jsonl(f/'a.jsonl', GOOD)
+    (f/'b.csv').write_text('instruction,output\n台灣最高的山？,' + '玉山。' * 200 + '\n', encoding='utf-8')
+    d = build_dataset(cfg_for(tmp_path, f, max_seq_length=128, system_prompt=''), llama3_tokenizer())
+    assert (d.stats['format'], d.stats['rows'], d.stats['long_rows']['lines'], d.stats['long_rows']['truncated']) == \
+        ('folder (jsonl, csv)', 3, ['b.csv:2'], ['b.csv:2'])
