@@ -34,14 +34,15 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    dataset_file: Path = Path('train_data.jsonl')  # JSON Lines training data
+    dataset_file: Path|str = Path('train_data.jsonl')  # training data: a file, a folder of files, or `hf:org/name[:split]`
+    dataset_format: str = 'auto'  # auto (from extension and content), jsonl, json, sharegpt, csv, tsv, parquet or hf
     system_prompt: str = TAIDE_SYSTEM_PROMPT  # system turn of every row; empty for none
     train_on_responses_only: bool = True  # loss on assistant tokens only
     skip_bad_rows: bool = False  # skip invalid rows (saved to OUTPUT_DIR/rejected.jsonl) instead of stopping
     long_rows: str = 'truncate'  # rows over MAX_SEQ_LENGTH: truncate the answer's tail, or drop
     eval: bool = True  # evaluate: eval loss before and after training, and answers before and after on the eval rows
     eval_split: float|str = 'auto'  # share of rows held out for evaluation, in [0, 0.5]; auto: 5 %, at least 8 and at most 100
-    eval_file: Path|None = None  # separate JSON Lines eval file; overrides EVAL_SPLIT
+    eval_file: Path|str|None = None  # separate eval data, any form DATASET_FILE takes; overrides EVAL_SPLIT
 
 @dataclass
 class TrainConfig:
@@ -131,6 +132,11 @@ def _names(v):
 
 def _path(v): return Path(os.path.expanduser(str(v).strip()))
 def _opt_path(v): return _path(v) if str(v or '').strip() else None
+def _data_path(v):
+    "A path, or a Hugging Face hub id `hf:org/name[:split]` kept as text."
+    s = str(v).strip()
+    return s if s.startswith('hf:') else _path(s)
+def _opt_data_path(v): return _data_path(v) if str(v or '').strip() else None
 
 def _nearest(word, choices):
     m = difflib.get_close_matches(str(word).upper(), [c.upper() for c in choices], n=1, cutoff=0.6)
@@ -167,14 +173,15 @@ KEYS = [Key(*k) for k in [
     ('LoRA', 'LORA_DROPOUT', 'lora', 'lora_dropout', _float(0, 1), 'float in [0, 1]'),
     ('LoRA', 'BIAS', 'lora', 'bias', _choice('none', 'all', 'lora_only'), 'none, all, lora_only'),
     ('LoRA', 'TARGET_MODULES', 'lora', 'target_modules', _names, 'comma-separated module names'),
-    ('Dataset', 'DATASET_FILE', 'data', 'dataset_file', _path, 'path to a .jsonl file'),
+    ('Dataset', 'DATASET_FILE', 'data', 'dataset_file', _data_path, 'file (.jsonl .json .csv .tsv .parquet), folder, or hf:org/name[:split]'),
+    ('Dataset', 'DATASET_FORMAT', 'data', 'dataset_format', _choice('auto', 'jsonl', 'json', 'sharegpt', 'csv', 'tsv', 'parquet', 'hf'), 'auto, jsonl, json, sharegpt, csv, tsv, parquet, hf'),
     ('Dataset', 'SYSTEM_PROMPT', 'data', 'system_prompt', _text, 'text; empty for none'),
     ('Dataset', 'TRAIN_ON_RESPONSES_ONLY', 'data', 'train_on_responses_only', _bool, 'true/false'),
     ('Dataset', 'SKIP_BAD_ROWS', 'data', 'skip_bad_rows', _bool, 'true/false'),
     ('Dataset', 'LONG_ROWS', 'data', 'long_rows', _choice('truncate', 'drop'), 'truncate, drop'),
     ('Dataset', 'EVAL', 'data', 'eval', _bool, 'true/false'),
     ('Dataset', 'EVAL_SPLIT', 'data', 'eval_split', _auto_or(_float(0, 0.5)), 'auto, or float in [0, 0.5]'),
-    ('Dataset', 'EVAL_FILE', 'data', 'eval_file', _opt_path, 'path to a .jsonl file, or empty'),
+    ('Dataset', 'EVAL_FILE', 'data', 'eval_file', _opt_data_path, 'as DATASET_FILE, or empty'),
     ('Training', 'PER_DEVICE_TRAIN_BATCH_SIZE', 'train', 'per_device_train_batch_size', _int(1), 'int ≥ 1'),
     ('Training', 'GRADIENT_ACCUMULATION_STEPS', 'train', 'gradient_accumulation_steps', _int(1), 'int ≥ 1'),
     ('Training', 'LEARNING_RATE', 'train', 'learning_rate', _float(0, 1, lo_open=True, hint='; 1e-5 to 5e-4 typical'), 'float in (0, 1]'),
@@ -345,13 +352,19 @@ def _resolve(p, root):
     p = Path(p)
     return p if p.is_absolute() else (root/p).resolve()
 
+def _data_source(p, fmt, root):
+    "DATASET_FILE / EVAL_FILE resolved: a path, or a hub id `hf:...` (also a plain `org/name` with DATASET_FORMAT = hf and no such folder)."
+    if p is None or str(p).startswith('hf:'): return p
+    local = _resolve(p, root)
+    return f"hf:{p}" if fmt == 'hf' and not local.exists() and not Path(p).is_absolute() else local
+
 def _cross_checks(cfg, problems, check_files):
     t = cfg.train
     if not t.num_epochs and t.warmup_steps >= t.max_steps:
         problems.append(f"[Training] WARMUP_STEPS = {t.warmup_steps} must be less than MAX_STEPS = {t.max_steps}. Lower WARMUP_STEPS (about 10% of MAX_STEPS) or raise MAX_STEPS.")
     if not check_files: return
     for key, p in (('DATASET_FILE', cfg.data.dataset_file), ('EVAL_FILE', cfg.data.eval_file)):
-        if p is not None and not Path(p).is_file():
+        if p is not None and not str(p).startswith('hf:') and not Path(p).exists():
             problems.append(f"[Dataset] {key} = {p}: no such file. Create it (JSON Lines: one {{\"instruction\", \"input\", \"output\"}} object a line) or fix the path; relative paths start at the config file's folder.")
     why = _writable_dir(Path(t.output_dir))
     if why: problems.append(f"[Training] OUTPUT_DIR = {t.output_dir}: not writable: {why}. Choose a folder you can write to.")
@@ -387,8 +400,8 @@ def load_config(path:str|Path|None='config.ini', # config.ini to read; None for 
         except ValueError as e:
             problems.append(f"[{k.section}] {k.name} = {values[k.name]!r} ({sources[k.name]}): {e}.")
     cfg = RunConfig(**groups, path=path, sources={f"{k.section}.{k.name}": sources.get(k.name, 'default') for k in KEYS})
-    cfg.data.dataset_file = _resolve(cfg.data.dataset_file, root)
-    cfg.data.eval_file = _resolve(cfg.data.eval_file, root)
+    cfg.data.dataset_file = _data_source(cfg.data.dataset_file, cfg.data.dataset_format, root)
+    cfg.data.eval_file = _data_source(cfg.data.eval_file, cfg.data.dataset_format, root)
     cfg.train.output_dir = _resolve(cfg.train.output_dir, root)
     local = _resolve(cfg.model.base_model_name, root)
     if local.exists() or cfg.model.base_model_name.startswith(('.', '/', '~')): cfg.model.base_model_name = str(local)

@@ -284,7 +284,7 @@ def test_cli_check_passes_with_a_local_model(tmp_path):
     assert 'OK: the run can start.' in r.stdout and 'ERROR' not in r.stdout and 'Traceback' not in r.stderr
     assert re.search(rf"^base model +{re.escape(str(tmp_path/'tiny'))} \(folder, 0\.\d\d B parameters\)$", r.stdout, re.M), r.stdout
     assert re.search(r'^a step +8 rows; micro-batches sorted, as few as fit, padded, up to 512 tokens each$', r.stdout, re.M), r.stdout
-    assert 'data ok: 20 rows (instruction)' in r.stdout
+    assert 'data ok: 20 rows (jsonl, instruction)' in r.stdout and 'Data: format jsonl, shape instruction, rows 20,' in r.stdout, r.stdout
     assert 'Steps: 10 steps x 8 rows = 3.33 epochs of 20 rows\n' in r.stdout and 'WARNING: 10 steps' not in r.stdout
     r = cli('check', '--config', str(ini), '--set', 'Training.MAX_STEPS=1', '--set', 'Training.WARMUP_STEPS=0')
     assert r.returncode == 0 and re.search(r'^Steps: 1 steps x 8 rows = .*0\.33 epochs of 20 rows \(\d+ rows never seen\)$', r.stdout, re.M), r.stdout

@@ -148,7 +148,8 @@ def test_whole_file_problems(tmp_path):
     p.write_text('\n \r\n\n', encoding='utf-8')
     with pytest.raises(DataError, match='`data.jsonl` is empty'): load_rows(p)
     p.write_text(json.dumps([{'instruction': 'q', 'output': 'a'}] * 3, indent=2), encoding='utf-8')
-    with pytest.raises(DataError) as e: load_rows(p)
+    assert [r.line for r in load_rows(p)] == [2, 6, 10]  # auto: the array is read as it is
+    with pytest.raises(DataError) as e: load_rows(p, dataset_format='jsonl')
     assert 'is one JSON array, not JSON Lines' in str(e.value)
     assert "jq -c '.[]' data.jsonl > data.jsonl" in str(e.value) and 'python -c' in str(e.value)
     p.write_text('{\n  "instruction": "q",\n  "output": "a"\n}\n', encoding='utf-8')
