@@ -357,6 +357,14 @@ def _backend(cfg, m, problems):
         problems.append("[Hardware] BACKEND = unsloth, but Unsloth is not installed. Run `pip install unsloth`, or set BACKEND = auto.")
     return 'unsloth' if want != 'transformers' and m.cuda and m.unsloth else 'transformers'
 
+def _trackers(cfg, problems):
+    "Each tracker REPORT_TO names must be installed."
+    for t in cfg.train.report_to:
+        mods = ('tensorboard', 'tensorboardX') if t == 'tensorboard' else (t,)
+        if t != 'none' and not any(util.find_spec(m) for m in mods):
+            problems.append(f"[Training] REPORT_TO = {','.join(cfg.train.report_to)}: {t} is not installed. Run `pip install \"taide-ft[{t}]\"` "
+                            f"(or `pip install {t}`), or take it out of REPORT_TO.")
+
 def _share(cfg, world, problems):
     "Check that `world` processes can share a step."
     g, b = cfg.train.gradient_accumulation_steps, cfg.train.per_device_train_batch_size
@@ -384,7 +392,7 @@ def make_plan(cfg:RunConfig, # the run's configuration
     four = cfg.quant.load_in_4bit and m.cuda
     if four and backend == 'transformers' and not m.bitsandbytes:
         problems.append("[Quantization] LOAD_IN_4BIT = true needs bitsandbytes on the transformers backend: run `pip install bitsandbytes`, or set LOAD_IN_4BIT = false.")
-    _share(cfg, world, problems)
+    _share(cfg, world, problems); _trackers(cfg, problems)
     if problems: raise ConfigError(problems, cfg.path or 'config')
     t, L = cfg.train, cfg.model.max_seq_length
     batches = _BATCHES[t.packing]
