@@ -67,7 +67,22 @@ def setup_logging(output_dir:str|Path|None=None, # folder for finetune.log; None
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(path, encoding='utf-8'); fh.setFormatter(_FMT)
         log.addHandler(fh)
+        _others_to_file()
     return log
+
+class _Others(logging.Handler):
+    "Hands other libraries' warnings and errors (and Python's `warnings`) to finetune.log; on the root logger it also prints them, as Python would."
+    def __init__(self, echo=False): super().__init__(logging.WARNING); self.echo = echo
+    def emit(self, rec):
+        for h in log.handlers:
+            if isinstance(h, logging.FileHandler): h.handle(rec)
+        if self.echo and len(logging.root.handlers) == 1: sys.stderr.write(rec.getMessage().rstrip() + '\n')
+
+def _others_to_file():
+    logging.captureWarnings(True)  # Python's warnings go to the `py.warnings` logger, then to the root's handlers
+    for name, echo in (('transformers', False), ('datasets', False), ('', True)):  # the first two print through handlers of their own
+        lg = logging.getLogger(name)
+        if not any(type(h).__name__ == '_Others' for h in lg.handlers): lg.addHandler(_Others(echo))
 
 # %% ../nbs/01_environment.ipynb #5b7d9f1c
 @contextlib.contextmanager
