@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_evaluate.ipynb #3c4d5e6f
 from __future__ import annotations
-import json, logging, math, time
+import json, logging, math, sys, time, types
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from .config import RunConfig, write_text
@@ -175,3 +175,10 @@ def evaluate(cfg:RunConfig, # OUTPUT_DIR, where the report goes
     if getattr(stats, 'steps', None) is not None: rep.to_trackers(cfg.output_dir, stats.steps)
     log.info(rep.summary())
     return rep
+
+# %% ../nbs/06_evaluate.ipynb #e1504445
+class _CallableModule(types.ModuleType):
+    "This module, which calls `evaluate` when called."
+    def __call__(self, *args, **kwargs): return evaluate(*args, **kwargs)
+
+if __name__ == 'taide_ft.evaluate': sys.modules[__name__].__class__ = _CallableModule
