@@ -210,6 +210,25 @@ def _hub_config(name:str) -> dict|None:
         except Exception: return None
     return json.loads(Path(hit).read_text())
 
+# %% ../nbs/01_environment.ipynb #963e694a
+_MODEL_FILES = ['*.json', '*.safetensors', '*.model', '*.jinja', '*.txt']  # what a run downloads of a hub model
+
+def _hub_download(name:str) -> tuple:
+    "(bytes of the files a run downloads, why this token may not have them or None) for a hub model; (None, None) when the hub does not answer."
+    from fnmatch import fnmatch
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError
+    api = HfApi(token=hf_token())
+    denied = (f"[Model] BASE_MODEL_NAME = {name} is gated and this token has no access: accept its licence at https://huggingface.co/{name}, "
+              "then run `hf auth login` (or set HF_TOKEN) with the account that accepted it.")
+    try:
+        info = api.model_info(name, files_metadata=True, timeout=10)
+        if info.gated: api.auth_check(name)
+    except GatedRepoError: return None, denied
+    except Exception: return None, None
+    size = sum(s.size or 0 for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in _MODEL_FILES))
+    return size or None, None
+
 # %% ../nbs/01_environment.ipynb #0c6e1a8d
 def resolve_base(name:str) -> BaseModel:
     "Where `BASE_MODEL_NAME` is, its config and its parameter count; nothing heavy is loaded."
@@ -256,7 +275,7 @@ def base_folder(base:BaseModel, # from `resolve_base`
 
 def _download(name):
     from huggingface_hub import snapshot_download
-    try: return Path(snapshot_download(name, token=hf_token(), allow_patterns=['*.json', '*.safetensors', '*.model', '*.jinja', '*.txt']))
+    try: return Path(snapshot_download(name, token=hf_token(), allow_patterns=_MODEL_FILES))
     except Exception as e:
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if any(s in msg.lower() for s in ('gated', '401', '403', 'restricted')):
@@ -496,14 +515,32 @@ def _base_rows(cfg, base, rep):
     n = f", {base.n_params / 1e9:.2f} B parameters" if base.n_params else ''
     rep.rows.append(('base model', f"{base.name} ({base.kind}{n})"))
     if base.kind == 'missing': rep.errors.append(f"[Model] BASE_MODEL_NAME: {base.where}. Give a hub id, a model folder or a .gguf file.")
-    if base.kind == 'hub' and base.config is None:
-        rep.errors.append(f"[Model] BASE_MODEL_NAME = {base.name}: cannot reach the hub and the model is not cached. Download it where there is "
+    if base.kind == 'hub' and base.config is None:  # gated without access, or no hub
+        _, denied = _hub_download(base.name)
+        rep.errors.append(denied or f"[Model] BASE_MODEL_NAME = {base.name}: cannot reach the hub and the model is not cached. Download it where there is "
                           f"network (`hf download {base.name} --local-dir <folder>`; TAIDE's repositories are gated: accept the licence on the hub "
                           "and set HF_TOKEN or run `hf auth login` first), then set BASE_MODEL_NAME to that folder.")
     elif base.kind == 'hub':
+        size, denied = _hub_download(base.name)
+        if denied: rep.errors.append(denied)
         rep.warnings.append(f"[Model] BASE_MODEL_NAME = {base.name} is not in the local Hugging Face cache: its weights download when the run "
-                            f"starts (about {2 * (base.n_params or 0) / 1e9:.0f} GB).")
+                            + (f"starts ({size / 1e9:.1f} GB, from the hub's file list)." if size else f"starts (about {2 * (base.n_params or 0) / 1e9:.0f} GB)."))
     if (why := context_problem(cfg, base)): rep.errors.append(why)
+
+# %% ../nbs/01_environment.ipynb #87c27969
+def _memory_rows(plan:Plan, rep):
+    "The base weights against the memory where they will be: GPU memory, or RAM on the CPU (float32 there)."
+    m, base = plan.machine, plan.base
+    if not base.n_params: return
+    where, free = ('GPU memory', m.gpus[0].free_gib) if m.cuda else ('RAM', m.ram_gib)
+    w = weights_gib(base, plan.load_in_4bit, 4 if plan.dtype == 'float32' else 2)
+    rep.rows.append(('memory', f"base weights ~{w:.2f} GiB in {where} ({plan.dtype}{', 4-bit' if plan.load_in_4bit else ''}), {free:.1f} GiB free; "
+                               f"RAM {m.ram_gib:.1f} GiB available"))
+    fix = ("Set LOAD_IN_4BIT = true, use a GPU with more memory, or a smaller BASE_MODEL_NAME." if m.cuda and not plan.load_in_4bit
+           else "Use a machine with more memory, or a smaller BASE_MODEL_NAME.")
+    if w > free: rep.errors.append(f"[Model] BASE_MODEL_NAME = {base.name}: its weights need about {w:.1f} GiB of {where}, and {free:.1f} GiB is free. {fix}")
+    elif w > FREE_SHARE * free: rep.warnings.append(f"[Model] BASE_MODEL_NAME = {base.name}: its weights take about {w:.1f} GiB of the {free:.1f} GiB of {where} free, "
+                                                    f"leaving little for training. {fix}")
 
 # %% ../nbs/01_environment.ipynb #6a0c2e4f
 def env_report(cfg:RunConfig, # the run's configuration
@@ -515,7 +552,7 @@ def env_report(cfg:RunConfig, # the run's configuration
     rep = EnvReport(rows=[(k, v or 'not installed') for k, v in lib_versions().items()] + _machine_rows(m))
     try: rep.plan = make_plan(cfg, m, base)
     except ConfigError as e: rep.errors += e.problems
-    if rep.plan is not None: rep.rows += rep.plan.rows()
+    if rep.plan is not None: rep.rows += rep.plan.rows(); _memory_rows(rep.plan, rep)
     if cfg.quant.load_in_4bit and not m.cuda:
         rep.warnings.append("LOAD_IN_4BIT = true, but there is no CUDA GPU: the base model loads in full precision here (slower, more memory).")
     _base_rows(cfg, base, rep)

@@ -57,3 +57,13 @@ def test_push_offline_says_how_to_upload_later(tmp_path):
     assert msg.endswith(' --private`.') and 'Traceback' not in r.stdout + r.stderr
     assert msg in (out/'finetune.log').read_text(encoding='utf-8')
     assert sorted(p.name for p in out.rglob('*') if p.is_file()) == sorted(['adapter_config.json', 'adapter_model.safetensors', 'tiny-taide-q4_k_m.gguf', 'Modelfile', 'README.md', 'finetune.log'])
+
+
+def test_check_without_the_hub_names_the_download_quickly(tmp_path):
+    "A hub model, a hub that does not answer and an empty cache: check says how to download it, within seconds."
+    (tmp_path/'train_data.jsonl').write_text(''.join(f'{{"instruction": "q{i}", "output": "a{i}"}}\n' for i in range(20)), encoding='utf-8')
+    (tmp_path/'config.ini').write_text("[Model]\nBASE_MODEL_NAME = taide/Llama-3.1-TAIDE-LX-8B-Chat\n", encoding='utf-8')
+    r, seconds = cli('check', '--config', str(tmp_path/'config.ini'), cwd=tmp_path, HF_HOME=str(tmp_path/'hf'))
+    assert r.returncode == 1 and seconds < 30, (seconds, r.stdout[-2000:])
+    assert ("ERROR: [Model] BASE_MODEL_NAME = taide/Llama-3.1-TAIDE-LX-8B-Chat: cannot reach the hub and the model is not cached. "
+            "Download it where there is network (`hf download taide/Llama-3.1-TAIDE-LX-8B-Chat --local-dir <folder>`") in r.stdout, r.stdout[-2000:]
