@@ -28,7 +28,9 @@ setuptools.setup(
     install_requires=requirements,
     extras_require={'dev': dev_requirements,
                     # GPU servers: CUDA builds of torch come from the user's own index
-                    'gpu': ['unsloth', 'bitsandbytes', 'torchao']},  # torchao: BASE_PRECISION = fp8
+                    'gpu': ['unsloth', 'bitsandbytes', 'torchao'],  # torchao: BASE_PRECISION = fp8
+                    # experiment trackers for [Training] REPORT_TO
+                    'tensorboard': ['tensorboard'], 'wandb': ['wandb'], 'mlflow': ['mlflow']},
     entry_points={'console_scripts': scripts, 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
 )

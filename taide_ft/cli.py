@@ -6,12 +6,12 @@
 from __future__ import annotations
 import argparse, contextlib, subprocess, sys
 from pathlib import Path
-from .config import ConfigError, RunConfig, TaideError, find_config, load_config
+from .config import ConfigError, RunConfig, TaideError, _log_to_files, find_config, load_config
 from .environment import dist_env, env_report, log, setup_logging
 from .training import output_lock
 
 # %% auto #0
-__all__ = ['check', 'launch', 'main']
+__all__ = ['check', 'torchrun_args', 'launch', 'main']
 
 # %% ../nbs/08_cli.ipynb #6b8bad97
 def _target_problem(cfg:RunConfig, base) -> str|None:
@@ -34,7 +34,9 @@ def check(cfg:RunConfig) -> int:
     from taide_ft.dataset import DataError, check_data
     from taide_ft.training import plan_steps
     log.info("Configuration (%s)\n%s", cfg.path, cfg.summary())
+    from taide_ft.pipeline import hub_problems
     rep = env_report(cfg)
+    rep.errors += hub_problems(cfg)
     log.info("Environment\n%s", rep)
     targets = _target_problem(cfg, rep.plan.base) if rep.plan is not None else None
     if targets: log.error("%s", targets)
@@ -55,7 +57,8 @@ def check(cfg:RunConfig) -> int:
 _COMMANDS = {'check': 'validate config, data and machine without training', 'run': 'train, evaluate and export',
              'eval': 'evaluate the adapter in OUTPUT_DIR again: eval loss and answers before and after, and the GGUF',
              'chat': 'chat in the terminal with the tuned adapter (or --gguf FILE); /exit or Ctrl-D leaves',
-             'export': "export again from the adapter in OUTPUT_DIR, without training (e.g. with another QUANTIZATION_METHOD)"}
+             'export': "export again from the adapter in OUTPUT_DIR, without training (e.g. with another QUANTIZATION_METHOD)",
+             'push': 'upload the finished run in OUTPUT_DIR to the Hugging Face Hub as NEW_MODEL_NAME (what PUSH_TO_HUB does at the end)'}
 
 def _parser():
     p = argparse.ArgumentParser(prog='taide-ft', description='Fine-tune TAIDE with LoRA/QLoRA and export a GGUF for Ollama.')
@@ -64,20 +67,41 @@ def _parser():
         s = sub.add_parser(name, help=help, description=help)
         s.add_argument('--config', default='', help='path to config.ini (default: ./config.ini)')
         s.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE', help='override a config.ini value (repeatable)')
-        if name == 'run': s.add_argument('--gpus', type=int, default=1, metavar='N', help='train on N GPUs of this machine, one process each (default 1)')
+        if name == 'run':
+            s.add_argument('--gpus', type=int, default=1, metavar='N', help='train on N GPUs of this machine, one process each (default 1)')
+            s.add_argument('--nnodes', type=int, default=1, metavar='M', help='machines training together, each with --gpus GPUs (default 1)')
+            s.add_argument('--node-rank', type=int, default=0, metavar='R', help="this machine's number, 0 to M-1; 0 writes the outputs (default 0)")
+            s.add_argument('--master-addr', default='', metavar='HOST', help='address of machine 0, reachable from every machine (needed with --nnodes > 1)')
+            s.add_argument('--master-port', type=int, default=29500, metavar='PORT', help='a free TCP port on machine 0 (default 29500)')
         if name == 'chat': s.add_argument('--gguf', default=None, metavar='FILE', help='a GGUF to chat with in llama.cpp (default: the tuned adapter in transformers)')
     return p
 
-def launch(n:int, cfg:RunConfig, sets:list) -> int:
-    "Run `taide-ft run` in `n` processes, one a GPU, through torchrun; returns their exit status."
+def torchrun_args(n:int, # processes (GPUs) on this machine
+                  nnodes:int=1, # machines
+                  node_rank:int=0, # this machine's number
+                  master_addr:str='', # machine 0's address (several machines)
+                  master_port:int=29500 # a free port there
+                 ) -> list:
+    "torchrun's options for `n` processes here: standalone on one machine, a static rendezvous at machine 0 on several."
+    problems = []
+    if n < 1 or nnodes < 1: problems.append(f"--gpus {n} --nnodes {nnodes}: give 1 or more of each.")
+    if nnodes > 1 and not master_addr: problems.append(f"--nnodes {nnodes}: give --master-addr, the address of machine 0 (the one started with --node-rank 0), the same on every machine.")
+    if not 0 <= node_rank < nnodes: problems.append(f"--node-rank {node_rank}: give 0 to {nnodes - 1} (--nnodes {nnodes}), a different one on each machine.")
+    if not 0 < master_port < 65536: problems.append(f"--master-port {master_port}: give a free TCP port, 1 to 65535.")
+    if problems: raise ConfigError(problems, 'command line')
+    if nnodes == 1: return ['--standalone', f'--nproc-per-node={n}']
+    return [f'--nnodes={nnodes}', f'--node-rank={node_rank}', f'--nproc-per-node={n}', f'--master-addr={master_addr}', f'--master-port={master_port}']
+
+def launch(n:int, cfg:RunConfig, sets:list, nnodes:int=1, node_rank:int=0, master_addr:str='', master_port:int=29500) -> int:
+    "Run `taide-ft run` in `n` processes here, one a GPU, through torchrun (with the other machines' when `nnodes` > 1); their exit status."
     import torch
     from taide_ft.environment import make_plan
+    opts = torchrun_args(n, nnodes, node_rank, master_addr, master_port)
     have = torch.cuda.device_count()
     if have < n: raise ConfigError([f"--gpus {n}: this machine has {have} CUDA GPU{'s' if have != 1 else ''}. Use --gpus {max(have, 1)} or fewer."], 'command line')
-    make_plan(cfg, processes=n)  # a config error now rather than in every process
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={n}',
-           '-m', 'taide_ft', 'run', '--config', str(cfg.path), *[a for s in sets for a in ('--set', s)]]
-    log.info(f"starting {n} processes: {' '.join(cmd[2:])}")
+    make_plan(cfg, processes=n * nnodes)  # a config error now rather than in every process
+    cmd = [sys.executable, '-m', 'torch.distributed.run', *opts, '-m', 'taide_ft', 'run', '--config', str(cfg.path), *[a for s in sets for a in ('--set', s)]]
+    log.info(f"starting {n} processes{f' on machine {node_rank} of {nnodes}' if nnodes > 1 else ''}: {' '.join(cmd[2:])}")
     return subprocess.call(cmd)
 
 def _export(cfg:RunConfig):
@@ -93,18 +117,26 @@ def main(argv:list|None=None) -> int:
     setup_logging()
     try:
         cfg = load_config(find_config(args.config), sets=args.set)
-        if args.cmd == 'check': return check(cfg)
-        if args.cmd == 'chat' or (args.cmd == 'run' and args.gpus > 1 and dist_env()[2] == 1): hold = contextlib.nullcontext()
+        if args.cmd in ('check', 'chat', 'push') or (args.cmd == 'run' and (args.gpus > 1 or args.nnodes > 1) and dist_env()[2] == 1):
+            hold = contextlib.nullcontext()  # nothing written, or the processes torchrun starts take the lock
         else: hold = output_lock(cfg.output_dir, f"taide-ft {args.cmd}")  # before the log: a refused run writes nothing there
         with hold: return _command(args, cfg)
     except TaideError as e:
+        if e.output_dir is not None: setup_logging(e.output_dir)
         log.error("%s: %s", type(e).__name__, e); return e.exit_code
     except KeyboardInterrupt:
         log.error("Interrupted."); return 130
+    except Exception as e:  # a bug, or a problem no check foresaw: its traceback on screen as usual, and in finetune.log
+        _log_to_files(f"{type(e).__name__}: {e}", exc_info=sys.exc_info())
+        raise
 
 def _command(args, cfg:RunConfig) -> int:
-    setup_logging(cfg.output_dir)  # from here on, errors reach finetune.log too
+    setup_logging(cfg.output_dir)  # from here on, errors and warnings reach finetune.log too
+    if args.cmd == 'check': return check(cfg)
     if args.cmd == 'export': _export(cfg); return 0
+    if args.cmd == 'push':
+        from taide_ft.pipeline import push_to_hub
+        push_to_hub(cfg); return 0
     if args.cmd == 'eval':
         from taide_ft.pipeline import evaluate_saved
         evaluate_saved(cfg); return 0
@@ -113,7 +145,7 @@ def _command(args, cfg:RunConfig) -> int:
         if args.gguf and not Path(args.gguf).is_file(): raise ConfigError([f"--gguf {args.gguf}: no such file."], 'command line')
         chat(cfg, args.gguf); return 0
     if args.gpus < 1: raise ConfigError([f"--gpus {args.gpus}: give 1 or more."], 'command line')
-    if args.gpus > 1 and dist_env()[2] == 1: return launch(args.gpus, cfg, args.set)
+    if (args.gpus > 1 or args.nnodes > 1) and dist_env()[2] == 1:
+        return launch(args.gpus, cfg, args.set, args.nnodes, args.node_rank, args.master_addr, args.master_port)
     from taide_ft.pipeline import fine_tune
     fine_tune(cfg); return 0
-

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 # %% auto #0
-__all__ = ['TAIDE_SYSTEM_PROMPT', 'GGUF_TYPES', 'KEYS', 'KEY_BY_NAME', 'SECTIONS', 'ModelConfig', 'LoraConfig', 'DataConfig',
-           'TrainConfig', 'QuantConfig', 'HardwareConfig', 'Key', 'TaideError', 'ConfigError', 'atomic_path',
-           'write_text', 'RunConfig', 'load_config', 'find_config', 'pick_params']
+__all__ = ['TAIDE_SYSTEM_PROMPT', 'TRACKERS', 'GGUF_TYPES', 'KEYS', 'KEY_BY_NAME', 'SECTIONS', 'ModelConfig', 'LoraConfig',
+           'DataConfig', 'TrainConfig', 'QuantConfig', 'HardwareConfig', 'Key', 'TaideError', 'ConfigError',
+           'atomic_path', 'write_text', 'RunConfig', 'load_config', 'find_config', 'pick_params']
 
 # %% ../nbs/00_config.ipynb #a87b4ea5
 TAIDE_SYSTEM_PROMPT = "你是一個來自台灣的AI助理，你的名字是 TAIDE，樂於以台灣人的立場幫助使用者，會用繁體中文回答問題。"
@@ -23,6 +23,8 @@ class ModelConfig:
     new_model_name: str = 'KCWen/taide'  # name of the fine-tuned model; file and Ollama names derive from it
     max_seq_length: int = 4096  # tokens per training row; 512-8192 typical
     trust_remote_code: bool = False  # run model code shipped with the checkpoint; keep off unless you trust it
+    push_to_hub: bool = False  # at the end, upload adapter, GGUF files, Modelfile and model card to the hub as NEW_MODEL_NAME
+    hub_private: bool = True  # a repository the upload creates is private
 
 @dataclass
 class LoraConfig:
@@ -59,6 +61,7 @@ class TrainConfig:
     seed: int = 3407  # random seed for data order and LoRA init
     gradient_checkpointing: str = 'auto'  # auto, on, off or offload (recompute activations to save memory)
     packing: str = 'auto'  # auto, group, on or off: how rows fill a batch
+    report_to: list = field(default_factory=lambda: ['none'])  # experiment trackers: none, or tensorboard, wandb, mlflow
 
 @dataclass
 class QuantConfig:
@@ -130,6 +133,14 @@ def _names(v):
     if not items: raise ValueError("must list at least one name, comma separated")
     return items
 
+TRACKERS = ('tensorboard', 'wandb', 'mlflow')  # what REPORT_TO may name (transformers' integrations)
+def _trackers(v):
+    items = [x.lower() for x in _names(v)]
+    if items == ['none']: return items
+    bad = [x for x in items if x not in TRACKERS]
+    if bad: raise ValueError(f"`{bad[0]}` is not a tracker; use none, or one or more of {', '.join(TRACKERS)}, comma separated" + _nearest(bad[0], TRACKERS))
+    return list(dict.fromkeys(items))
+
 def _path(v): return Path(os.path.expanduser(str(v).strip()))
 def _opt_path(v): return _path(v) if str(v or '').strip() else None
 def _data_path(v):
@@ -168,6 +179,8 @@ KEYS = [Key(*k) for k in [
     ('Model', 'NEW_MODEL_NAME', 'model', 'new_model_name', _nonempty, 'any name, e.g. you/taide-rag'),
     ('Model', 'MAX_SEQ_LENGTH', 'model', 'max_seq_length', _int(16, '; 512-8192 typical'), 'int ≥ 16'),
     ('Model', 'TRUST_REMOTE_CODE', 'model', 'trust_remote_code', _bool, 'true/false'),
+    ('Model', 'PUSH_TO_HUB', 'model', 'push_to_hub', _bool, 'true/false'),
+    ('Model', 'HUB_PRIVATE', 'model', 'hub_private', _bool, 'true/false'),
     ('LoRA', 'R', 'lora', 'r', _int(1, '; 8, 16, 32 typical'), 'int ≥ 1'),
     ('LoRA', 'LORA_ALPHA', 'lora', 'lora_alpha', _int(1), 'int ≥ 1'),
     ('LoRA', 'LORA_DROPOUT', 'lora', 'lora_dropout', _float(0, 1), 'float in [0, 1]'),
@@ -195,6 +208,7 @@ KEYS = [Key(*k) for k in [
     ('Training', 'SEED', 'train', 'seed', _int(0), 'int ≥ 0'),
     ('Training', 'GRADIENT_CHECKPOINTING', 'train', 'gradient_checkpointing', _choice('auto', 'on', 'off', 'offload'), 'auto, on, off, offload'),
     ('Training', 'PACKING', 'train', 'packing', _choice('auto', 'group', 'on', 'off'), 'auto, group, on, off'),
+    ('Training', 'REPORT_TO', 'train', 'report_to', _trackers, 'none, or tensorboard, wandb, mlflow (comma separated)'),
     ('Quantization', 'LOAD_IN_4BIT', 'quant', 'load_in_4bit', _bool, 'true/false'),
     ('Quantization', 'BASE_PRECISION', 'quant', 'base_precision', _choice('auto', 'nf4', 'bf16', 'fp8'), 'auto, nf4, bf16, fp8'),
     ('Quantization', 'QUANTIZATION_METHOD', 'quant', 'quantization_method', _gguf_types, 'llama.cpp types, e.g. q4_k_m,q8_0'),
@@ -209,15 +223,19 @@ SECTIONS = list(dict.fromkeys(k.section for k in KEYS))
 class TaideError(Exception):
     "A problem the user can fix; the message says what to do. Shown without a traceback, and logged to `finetune.log`."
     exit_code = 1  # what `taide-ft` exits with
+    output_dir = None  # OUTPUT_DIR where known before the log was opened (a config error): the error is logged there too
     def _render_traceback_(self):
+        if self.output_dir is not None:
+            from taide_ft.environment import setup_logging
+            setup_logging(self.output_dir)
         _log_to_files(f"{type(self).__name__}: {self}")
         return [f"{type(self).__name__}: {self}"]
 
-def _log_to_files(msg:str):
-    "Write `msg` as an error to the `taide_ft` logger's files only (the notebook already shows it)."
+def _log_to_files(msg:str, level:int=40, exc_info=None):
+    "Write `msg` (an error by default, with `exc_info`'s traceback if given) to the `taide_ft` logger's files only: the screen already shows it."
     import logging
     lg = logging.getLogger('taide_ft')
-    rec = lg.makeRecord(lg.name, logging.ERROR, "taide_ft", 0, msg, None, None)
+    rec = lg.makeRecord(lg.name, level, "taide_ft", 0, msg, None, exc_info)
     for h in lg.handlers:
         if isinstance(h, logging.FileHandler): h.handle(rec)
 
@@ -377,7 +395,7 @@ def load_config(path:str|Path|None='config.ini', # config.ini to read; None for 
                 **kwargs # Python overrides by key or field name, e.g. max_steps=60
                ) -> RunConfig:
     "Read `path`, apply overrides (Python, then papermill, then `--set`), validate, and return a `RunConfig`."
-    problems, values, sources = [], {}, {}
+    problems, values, sources, read = [], {}, {}, None
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -406,7 +424,11 @@ def load_config(path:str|Path|None='config.ini', # config.ini to read; None for 
     local = _resolve(cfg.model.base_model_name, root)
     if local.exists() or cfg.model.base_model_name.startswith(('.', '/', '~')): cfg.model.base_model_name = str(local)
     _cross_checks(cfg, problems, check_files)
-    if problems: raise ConfigError(problems, path or 'config')
+    if problems:
+        err = ConfigError(problems, path or 'config')
+        if read is not None and not any('OUTPUT_DIR' in p for p in problems) and _writable_dir(cfg.output_dir) is None:
+            err.output_dir = cfg.output_dir  # the file names OUTPUT_DIR: its finetune.log records the error
+        raise err
     return cfg
 
 # %% ../nbs/00_config.ipynb #5f21f9c6

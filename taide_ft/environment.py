@@ -67,7 +67,22 @@ def setup_logging(output_dir:str|Path|None=None, # folder for finetune.log; None
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(path, encoding='utf-8'); fh.setFormatter(_FMT)
         log.addHandler(fh)
+        _others_to_file()
     return log
+
+class _Others(logging.Handler):
+    "Hands other libraries' warnings and errors (and Python's `warnings`) to finetune.log; on the root logger it also prints them, as Python would."
+    def __init__(self, echo=False): super().__init__(logging.WARNING); self.echo = echo
+    def emit(self, rec):
+        for h in log.handlers:
+            if isinstance(h, logging.FileHandler): h.handle(rec)
+        if self.echo and len(logging.root.handlers) == 1: sys.stderr.write(rec.getMessage().rstrip() + '\n')
+
+def _others_to_file():
+    logging.captureWarnings(True)  # Python's warnings go to the `py.warnings` logger, then to the root's handlers
+    for name, echo in (('transformers', False), ('datasets', False), ('', True)):  # the first two print through handlers of their own
+        lg = logging.getLogger(name)
+        if not any(type(h).__name__ == '_Others' for h in lg.handlers): lg.addHandler(_Others(echo))
 
 # %% ../nbs/01_environment.ipynb #5b7d9f1c
 @contextlib.contextmanager
@@ -211,6 +226,25 @@ def _folder_template(get) -> str|None:
     if isinstance(t, list): t = next((x['template'] for x in t if x.get('name') == 'default'), None)  # named templates
     return t
 
+# %% ../nbs/01_environment.ipynb #963e694a
+_MODEL_FILES = ['*.json', '*.safetensors', '*.model', '*.jinja', '*.txt']  # what a run downloads of a hub model
+
+def _hub_download(name:str) -> tuple:
+    "(bytes of the files a run downloads, why this token may not have them or None) for a hub model; (None, None) when the hub does not answer."
+    from fnmatch import fnmatch
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError
+    api = HfApi(token=hf_token())
+    denied = (f"[Model] BASE_MODEL_NAME = {name} is gated and this token has no access: accept its licence at https://huggingface.co/{name}, "
+              "then run `hf auth login` (or set HF_TOKEN) with the account that accepted it.")
+    try:
+        info = api.model_info(name, files_metadata=True, timeout=10)
+        if info.gated: api.auth_check(name)
+    except GatedRepoError: return None, denied
+    except Exception: return None, None
+    size = sum(s.size or 0 for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in _MODEL_FILES))
+    return size or None, None
+
 # %% ../nbs/01_environment.ipynb #0c6e1a8d
 def resolve_base(name:str) -> BaseModel:
     "Where `BASE_MODEL_NAME` is, its config and its parameter count; nothing heavy is loaded."
@@ -258,7 +292,7 @@ def base_folder(base:BaseModel, # from `resolve_base`
 
 def _download(name):
     from huggingface_hub import snapshot_download
-    try: return Path(snapshot_download(name, token=hf_token(), allow_patterns=['*.json', '*.safetensors', '*.model', '*.jinja', '*.txt']))
+    try: return Path(snapshot_download(name, token=hf_token(), allow_patterns=_MODEL_FILES))
     except Exception as e:
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if any(s in msg.lower() for s in ('gated', '401', '403', 'restricted')):
@@ -392,6 +426,9 @@ class Plan:
     fp8: bool = False  # base weights in FP8 (e4m3) with per-channel scales, FP8 matrix products
 
     @property
+    def base_precision(self) -> str: return 'nf4' if self.load_in_4bit else 'fp8' if self.fp8 else self.dtype  # the base weights while training
+
+    @property
     def torch_dtype(self):
         import torch
         return getattr(torch, self.dtype)
@@ -459,6 +496,14 @@ def _backend(cfg, m, problems):
         problems.append("[Hardware] BACKEND = unsloth, but Unsloth is not installed. Run `pip install unsloth`, or set BACKEND = auto.")
     return 'unsloth' if want != 'transformers' and m.cuda and m.unsloth else 'transformers'
 
+def _trackers(cfg, problems):
+    "Each tracker REPORT_TO names must be installed."
+    for t in cfg.train.report_to:
+        mods = ('tensorboard', 'tensorboardX') if t == 'tensorboard' else (t,)
+        if t != 'none' and not any(util.find_spec(m) for m in mods):
+            problems.append(f"[Training] REPORT_TO = {','.join(cfg.train.report_to)}: {t} is not installed. Run `pip install \"taide-ft[{t}]\"` "
+                            f"(or `pip install {t}`), or take it out of REPORT_TO.")
+
 def _share(cfg, world, problems):
     "Check that `world` processes can share a step."
     g, b = cfg.train.gradient_accumulation_steps, cfg.train.per_device_train_batch_size
@@ -500,7 +545,7 @@ def make_plan(cfg:RunConfig, # the run's configuration
     if four and backend == 'transformers' and not m.bitsandbytes:
         problems.append("[Quantization] LOAD_IN_4BIT = true needs bitsandbytes on the transformers backend: run `pip install bitsandbytes`, or set LOAD_IN_4BIT = false.")
     if fp8: _fp8_problem(m, backend, problems)
-    _share(cfg, world, problems)
+    _share(cfg, world, problems); _trackers(cfg, problems)
     if problems: raise ConfigError(problems, cfg.path or 'config')
     t, L = cfg.train, cfg.model.max_seq_length
     batches = _BATCHES[t.packing]
@@ -590,17 +635,35 @@ def _base_rows(cfg, base, rep):
     n = f", {base.n_params / 1e9:.2f} B parameters" if base.n_params else ''
     rep.rows.append(('base model', f"{base.name} ({base.kind}{n})"))
     if base.kind == 'missing': rep.errors.append(f"[Model] BASE_MODEL_NAME: {base.where}. Give a hub id, a model folder or a .gguf file.")
-    if base.kind == 'hub' and base.config is None:
-        rep.errors.append(f"[Model] BASE_MODEL_NAME = {base.name}: cannot reach the hub and the model is not cached. Download it where there is "
+    if base.kind == 'hub' and base.config is None:  # gated without access, or no hub
+        _, denied = _hub_download(base.name)
+        rep.errors.append(denied or f"[Model] BASE_MODEL_NAME = {base.name}: cannot reach the hub and the model is not cached. Download it where there is "
                           f"network (`hf download {base.name} --local-dir <folder>`; TAIDE's repositories are gated: accept the licence on the hub "
                           "and set HF_TOKEN or run `hf auth login` first), then set BASE_MODEL_NAME to that folder.")
     elif base.kind == 'hub':
+        size, denied = _hub_download(base.name)
+        if denied: rep.errors.append(denied)
         rep.warnings.append(f"[Model] BASE_MODEL_NAME = {base.name} is not in the local Hugging Face cache: its weights download when the run "
-                            f"starts (about {2 * (base.n_params or 0) / 1e9:.0f} GB).")
+                            + (f"starts ({size / 1e9:.1f} GB, from the hub's file list)." if size else f"starts (about {2 * (base.n_params or 0) / 1e9:.0f} GB)."))
     try:
         if (fam := check_family(base)) is not None: rep.rows.append(('family', str(fam)))
     except ModelError as e: rep.errors.append(str(e)); rep.model_error = e
     if (why := context_problem(cfg, base)): rep.errors.append(why)
+
+# %% ../nbs/01_environment.ipynb #87c27969
+def _memory_rows(plan:Plan, rep):
+    "The base weights against the memory where they will be: GPU memory, or RAM on the CPU (float32 there)."
+    m, base = plan.machine, plan.base
+    if not base.n_params: return
+    where, free = ('GPU memory', m.gpus[0].free_gib) if m.cuda else ('RAM', m.ram_gib)
+    w = weights_gib(base, plan.base_precision)
+    rep.rows.append(('memory', f"base weights ~{w:.2f} GiB in {where} ({plan.dtype}{', 4-bit' if plan.load_in_4bit else ', fp8' if plan.fp8 else ''}), {free:.1f} GiB free; "
+                               f"RAM {m.ram_gib:.1f} GiB available"))
+    fix = ("Set LOAD_IN_4BIT = true, use a GPU with more memory, or a smaller BASE_MODEL_NAME." if m.cuda and not plan.load_in_4bit
+           else "Use a machine with more memory, or a smaller BASE_MODEL_NAME.")
+    if w > free: rep.errors.append(f"[Model] BASE_MODEL_NAME = {base.name}: its weights need about {w:.1f} GiB of {where}, and {free:.1f} GiB is free. {fix}")
+    elif w > FREE_SHARE * free: rep.warnings.append(f"[Model] BASE_MODEL_NAME = {base.name}: its weights take about {w:.1f} GiB of the {free:.1f} GiB of {where} free, "
+                                                    f"leaving little for training. {fix}")
 
 # %% ../nbs/01_environment.ipynb #6a0c2e4f
 def env_report(cfg:RunConfig, # the run's configuration
@@ -612,7 +675,7 @@ def env_report(cfg:RunConfig, # the run's configuration
     rep = EnvReport(rows=[(k, v or 'not installed') for k, v in lib_versions().items()] + _machine_rows(m))
     try: rep.plan = make_plan(cfg, m, base)
     except ConfigError as e: rep.errors += e.problems
-    if rep.plan is not None: rep.rows += rep.plan.rows()
+    if rep.plan is not None: rep.rows += rep.plan.rows(); _memory_rows(rep.plan, rep)
     if cfg.quant.base == 'nf4' and not m.cuda:
         what = 'LOAD_IN_4BIT = true' if cfg.quant.base_precision == 'auto' else 'BASE_PRECISION = nf4'
         rep.warnings.append(f"{what}, but there is no CUDA GPU: the base model loads in full precision here (slower, more memory).")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_evaluate.ipynb #3c4d5e6f
 from __future__ import annotations
-import json, logging, math, time
+import json, logging, math, sys, time, types
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from .config import RunConfig, write_text
@@ -126,7 +126,21 @@ class EvalReport:
             r.update(gguf=text, chrf_gguf=chrf(text, r['reference']), stopped_gguf=stopped); answers.append(text)
         self.gguf = dict(score(answers, [r['reference'] for r in self.rows], [r['stopped_gguf'] for r in self.rows]),
                          file=Path(gguf_path).name, seconds=round(time.time() - t0, 1))
+        if getattr(self, '_run', None): self.to_trackers(*self._run, gguf=True)
         return self.gguf
+
+    def to_trackers(self, output_dir, # the run's OUTPUT_DIR
+                    step:int, # the run's last step: the tuned model's scores belong there, the base model's at 0
+                    gguf:bool=False # the GGUF's scores only
+                   ) -> list:
+        "Send the scores to the run's trackers (REPORT_TO) as `eval/chrf`, `eval/exact`, ... (the GGUF's as `eval/gguf_chrf`, ...)."
+        from taide_ft.trainer import report_scalars
+        keys = ('chrf', 'exact', 'chars', 'stopped')
+        pick = lambda d, pre='': {f'eval_{pre}{k}': d[k] for k in keys if k in (d or {})}
+        if gguf: return report_scalars(output_dir, pick(self.gguf, 'gguf_'), step)
+        self._run = (output_dir, step)
+        report_scalars(output_dir, pick(self.before), 0)
+        return report_scalars(output_dir, pick(self.after), step)
 
     def save(self, output_dir) -> Path:
         "Write eval_report.json and eval.md to `output_dir`; returns the markdown's path."
@@ -158,5 +172,13 @@ def evaluate(cfg:RunConfig, # OUTPUT_DIR, where the report goes
     rep = EvalReport(rows, score(before.texts, list(refs), before.stopped), score(after.texts, list(refs), after.stopped), loss,
                      cap, round(before.seconds + after.seconds, 1))
     if is_main(): rep.save(cfg.output_dir)
+    if getattr(stats, 'steps', None) is not None: rep.to_trackers(cfg.output_dir, stats.steps)
     log.info(rep.summary())
     return rep
+
+# %% ../nbs/06_evaluate.ipynb #e1504445
+class _CallableModule(types.ModuleType):
+    "This module, which calls `evaluate` when called."
+    def __call__(self, *args, **kwargs): return evaluate(*args, **kwargs)
+
+if __name__ == 'taide_ft.evaluate': sys.modules[__name__].__class__ = _CallableModule

@@ -6,11 +6,12 @@
 from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, TaideError
 from .environment import EnvReport, Plan, dist_env, env_report, is_main, log, setup_logging
 
 # %% auto #0
-__all__ = ['start', 'RunResult', 'fine_tune', 'model_card', 'write_model_card', 'load_tuned', 'evaluate_saved', 'chat']
+__all__ = ['start', 'RunResult', 'fine_tune', 'model_card', 'write_model_card', 'load_tuned', 'evaluate_saved', 'chat',
+           'HubError', 'hub_repo', 'hub_files', 'hub_upload_command', 'hub_problems', 'push_to_hub']
 
 # %% ../nbs/07_pipeline.ipynb #7f91b3d5
 def start(cfg:RunConfig) -> Plan:
@@ -18,6 +19,7 @@ def start(cfg:RunConfig) -> Plan:
     setup_logging(cfg.output_dir)
     log.info("Configuration (%s)\n%s", cfg.path, cfg.summary())
     rep = env_report(cfg)
+    rep.errors += hub_problems(cfg)
     log.info("Environment\n%s", rep)
     if rep.model_error is not None: raise rep.model_error  # a base model taide_ft cannot train or export
     if not rep.ok: raise ConfigError(rep.errors, cfg.path or 'config')
@@ -64,6 +66,7 @@ def _fine_tune(cfg):
     run = RunResult(plan, data.stats, stats, evaluation, result)
     write_model_card(cfg, run)
     log.info("Run it in Ollama:\n  %s", result.ollama_command)
+    if cfg.model.push_to_hub: push_to_hub(cfg)  # last: every local output is complete, whatever happens here
     return run
 
 # %% ../nbs/07_pipeline.ipynb #1c2d3e4f
@@ -155,3 +158,80 @@ def chat(cfg:RunConfig, # SYSTEM_PROMPT, OUTPUT_DIR
         msgs.append({'role': 'assistant', 'content': answer(msgs)})
         say(msgs[-1]['content'])
     return msgs
+
+# %% ../nbs/07_pipeline.ipynb #c826d348
+class HubError(TaideError, RuntimeError):
+    "The Hugging Face Hub cannot take the upload (PUSH_TO_HUB): no token, no write access, or no network."
+
+_HUB_PATTERNS = ['adapter/*', '*.gguf', 'Modelfile', 'README.md', 'manifest.json', 'eval.md']  # what a finished run uploads
+
+def hub_repo(cfg:RunConfig, user:str|None=None) -> str:
+    "The repository NEW_MODEL_NAME names; one without a namespace goes under the token's `user`."
+    name = cfg.model.new_model_name
+    return name if '/' in name or not user else f"{user}/{name}"
+
+def hub_files(cfg:RunConfig) -> list:
+    "The files of the finished run in OUTPUT_DIR that go to the hub, relative to it; `HubError` when the run is not finished."
+    from fnmatch import fnmatch
+    out = cfg.output_dir
+    files = sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file() and not p.name.startswith('.')
+                   and any(fnmatch(str(p.relative_to(out)), pat) for pat in _HUB_PATTERNS))
+    missing = [x for x in ('adapter/adapter_config.json', 'Modelfile', 'README.md') if x not in files] + ([] if any(f.endswith('.gguf') for f in files) else ['a .gguf file'])
+    if missing: raise HubError(f"{out} is not a finished run ({', '.join(missing)} missing): run `taide-ft run --config {cfg.path or 'config.ini'}` first.")
+    return files
+
+def hub_upload_command(cfg:RunConfig, repo:str|None=None) -> str:
+    "The `hf upload` command that uploads the finished run by hand."
+    inc = ' '.join(f'--include "{p}"' for p in _HUB_PATTERNS)
+    return f"hf upload {repo or hub_repo(cfg)} {cfg.output_dir} . {inc} --{'private' if cfg.model.hub_private else 'no-private'}"
+
+# %% ../nbs/07_pipeline.ipynb #1745ede9
+def _hub_reason(e:Exception) -> str:
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+    if isinstance(e, LocalTokenNotFoundError): return "no Hugging Face token: set HF_TOKEN to a write token or run `hf auth login`"
+    if isinstance(e, OfflineModeIsEnabled): return "HF_HUB_OFFLINE is set, so the hub is not asked"
+    code = getattr(getattr(e, 'response', None), 'status_code', None)
+    if isinstance(e, HfHubHTTPError) and code == 401: return "the Hugging Face token is not valid: set HF_TOKEN to a write token or run `hf auth login`"
+    if isinstance(e, HfHubHTTPError) and code == 403: return "the token may not write there: use a write token of an account that can write to that namespace"
+    from huggingface_hub import constants
+    return f"cannot reach the hub at {constants.ENDPOINT} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+
+def hub_problems(cfg:RunConfig) -> list:
+    "Why PUSH_TO_HUB cannot upload NEW_MODEL_NAME with this token (none when it can, or when PUSH_TO_HUB is off): asks the hub who the token is."
+    if not cfg.model.push_to_hub: return []
+    from huggingface_hub import HfApi
+    from taide_ft.environment import hf_token
+    key = f"[Model] PUSH_TO_HUB = true (NEW_MODEL_NAME = {cfg.model.new_model_name})"
+    try: me = HfApi(token=hf_token()).whoami()
+    except Exception as e: return [f"{key}: {_hub_reason(e)}. Fix it, or set PUSH_TO_HUB = false and upload later with `taide-ft push --config {cfg.path or 'config.ini'}`."]
+    repo = hub_repo(cfg, me.get('name')); ns = repo.split('/')[0]
+    token = (me.get('auth') or {}).get('accessToken') or {}
+    orgs = {o.get('name'): o.get('roleInOrg') for o in me.get('orgs') or []}
+    if token.get('role') == 'read': return [f"{key}: the token is read-only. Make a write token at https://huggingface.co/settings/tokens and set HF_TOKEN (or `hf auth login`)."]
+    if ns != me.get('name') and ns not in orgs:
+        return [f"{key}: the token's account `{me.get('name')}` cannot create repositories under `{ns}`. Use `{me.get('name')}/{repo.split('/')[-1]}` or an organisation you belong to ({', '.join(orgs) or 'none'})."]
+    if orgs.get(ns) == 'read': return [f"{key}: `{me.get('name')}` may only read in the organisation `{ns}`. Ask its admins for write access, or push under your own name."]
+    if token.get('role') == 'fineGrained':
+        scoped = (token.get('fineGrained') or {}).get('scoped') or []
+        if not any(s.get('entity', {}).get('name') in (ns, repo) and 'repo.write' in s.get('permissions', []) for s in scoped):
+            return [f"{key}: the fine-grained token has no `repo.write` permission on `{ns}` or `{repo}`. Add it at https://huggingface.co/settings/tokens."]
+    return []
+
+def push_to_hub(cfg:RunConfig) -> str:
+    "Upload the finished run (adapter, GGUF files, Modelfile, model card) to NEW_MODEL_NAME; its URL. `HubError` saying how to upload later."
+    files = hub_files(cfg)
+    size = sum((cfg.output_dir/f).stat().st_size for f in files)
+    from huggingface_hub import HfApi
+    from taide_ft.environment import hf_token
+    repo = hub_repo(cfg)
+    try:
+        api = HfApi(token=hf_token())
+        repo = hub_repo(cfg, api.whoami()['name'])
+        log.info(f"uploading {len(files)} files ({size / 2**30:.2f} GiB) to https://huggingface.co/{repo} ({'private' if cfg.model.hub_private else 'public'} if new)")
+        api.create_repo(repo, private=cfg.model.hub_private, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=cfg.output_dir, allow_patterns=files, commit_message=f"{repo}: a taide_ft fine-tune")
+    except Exception as e:
+        raise HubError(f"the upload of {cfg.output_dir} to the hub as `{repo}` failed: {_hub_reason(e)}. The run's files are complete there; "
+                       f"upload them later with `taide-ft push --config {cfg.path or 'config.ini'}`, or `{hub_upload_command(cfg, repo)}`.") from e
+    log.info(f"uploaded: https://huggingface.co/{repo}")
+    return f"https://huggingface.co/{repo}"

@@ -5,16 +5,17 @@
 # %% ../nbs/04b_trainer.ipynb #0e2a4c6b
 from __future__ import annotations
 import contextlib, math, time
+from pathlib import Path
 from importlib.metadata import version as _version
 from trl import SFTConfig, SFTTrainer
 from transformers import PrinterCallback, TrainerCallback
 from .config import RunConfig
-from .environment import Plan
+from .environment import Plan, is_main, memory_peaks
 from .training import (EpochSampler, StepData, TrainingDiverged, _attention_for, _hms, last_checkpoint, log,
                                make_steps, mean_loss, plan_steps, progress_bar, train_eval_rows)
 
 # %% auto #0
-__all__ = ['TrainMonitor', 'TaideTrainer', 'trainer_args', 'make_trainer']
+__all__ = ['TrainMonitor', 'TaideTrainer', 'report_scalars', 'trainer_args', 'make_trainer']
 
 # %% ../nbs/04b_trainer.ipynb #1b3d5f7b
 class TrainMonitor(TrainerCallback):
@@ -69,16 +70,22 @@ class TrainMonitor(TrainerCallback):
         if self.t_first is None or end - self.t_first < 1e-3 or self.tokens <= self.tokens_first: return None
         return round((self.tokens - self.tokens_first) / (end - self.t_first), 1)
 
+    def rate(self) -> float:
+        "Real tokens a second, on all processes, since the last call (the last log line)."
+        now = time.time()
+        tps = (self.tokens - self.tokens_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.tokens_last = now, self.tokens
+        return round(tps, 1)
+
     def on_log(self, args, state, control, logs=None, **kw):
         logs, step, now = logs or {}, state.global_step, time.time()
         if 'loss' in logs:
             done = max(step - (self.step0 if self.step0 is not None else step), 1); el = now - self.t0
-            tps = (self.tokens - self.tokens_last) / max(now - self.t_last, 1e-9)
+            tps = logs['tokens_per_s'] if 'tokens_per_s' in logs else self.rate()
             import torch
             gib = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
             log.info(f"step {step}/{state.max_steps} | loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e} | {tps:,.0f} tok/s | "
                      f"{_hms(el)} elapsed, {_hms(el/done*(state.max_steps - step))} left" + (f" | GPU {gib:.1f} GiB" if gib is not None else ''))
-            self.t_last, self.tokens_last = now, self.tokens
         if 'eval_loss' in logs:
             log.info(f"step {step}/{state.max_steps} | eval loss {logs['eval_loss']:.4f}")
 
@@ -101,6 +108,7 @@ class TaideTrainer(SFTTrainer):
         super().__init__(model=model, args=args, train_dataset=Dataset.from_dict({'item': range(len(steps))}), eval_dataset=eval_rows,
                          processing_class=tokenizer, data_collator=steps, callbacks=[monitor])
         self.remove_callback(PrinterCallback)  # it prints each log dict; the monitor's lines replace it
+        _keep_trackers(self)
 
     def _get_train_sampler(self, *args, **kwargs): return EpochSampler(self.steps_data)
 
@@ -127,9 +135,18 @@ class TaideTrainer(SFTTrainer):
         self.monitor.record(inputs['step_tokens'], inputs['step_rows'], len(mbs), total)
         return total
 
+    def log(self, logs:dict, *args, **kwargs):
+        "The trainer's log, with the real tokens a second beside each training loss: for the log line and the trackers."
+        if 'loss' in logs: logs = {**logs, 'tokens_per_s': self.monitor.rate()}
+        return super().log(logs, *args, **kwargs)
+
     def train(self, *args, **kwargs):
         with _attention_for('packed' if self.plan.padding_free or self.plan.batches == 'packed' else 'padded', self.plan.device == 'cuda'):
-            return super().train(*args, **kwargs)
+            out = super().train(*args, **kwargs)
+        peaks = memory_peaks()
+        report_scalars(self.args.output_dir, {'steady_tokens_per_s': self.monitor.steady_tokens_per_s(),
+                       'peak_memory_gib': peaks['gpu_gib'] if peaks['gpu_gib'] is not None else peaks['rss_gib']}, self.state.global_step)
+        return out
 
 # %% ../nbs/04b_trainer.ipynb #4e6a8cad
 def _evaluate(self:TaideTrainer, eval_dataset=None, ignore_keys=None, metric_key_prefix='eval'):
@@ -141,6 +158,36 @@ def _evaluate(self:TaideTrainer, eval_dataset=None, ignore_keys=None, metric_key
 
 TaideTrainer.evaluate = _evaluate
 
+# %% ../nbs/04b_trainer.ipynb #29e51d2a
+_TRACKERS = {}  # OUTPUT_DIR -> (trainer arguments, the trainer's tracker callbacks), kept after training
+
+def _keep_trackers(trainer):
+    from transformers.integrations import get_reporting_integration_callbacks
+    kinds = tuple(get_reporting_integration_callbacks(trainer.args.report_to))
+    cbs = [cb for cb in trainer.callback_handler.callbacks if kinds and isinstance(cb, kinds)]
+    _TRACKERS[str(Path(trainer.args.output_dir).resolve())] = (trainer.args, cbs)
+
+@contextlib.contextmanager
+def _open_run(cb):
+    "MLflow's callback ends its run when training ends: reopen that run for later figures."
+    ml = getattr(cb, '_ml_flow', None)
+    last = ml.last_active_run() if ml is not None and ml.active_run() is None else None
+    with (ml.start_run(run_id=last.info.run_id) if last is not None else contextlib.nullcontext()): yield
+
+def report_scalars(output_dir, # the run's OUTPUT_DIR
+                   scalars:dict, # name -> number, named as the trainer logs them (`eval_chrf` becomes `eval/chrf`); None values are skipped
+                   step:int # the training step they belong to
+                  ) -> list:
+    "Send `scalars` at `step` to the trackers (REPORT_TO) of the run in `output_dir`; the trackers' names, none without."
+    args, cbs = _TRACKERS.get(str(Path(output_dir).resolve()), (None, []))
+    scalars = {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not cbs or not scalars: return []
+    from transformers import TrainerControl, TrainerState
+    state = TrainerState(global_step=step, is_world_process_zero=is_main())
+    for cb in cbs:
+        with _open_run(cb): cb.on_log(args, state, TrainerControl(), logs=dict(scalars))
+    return [type(cb).__name__ for cb in cbs]
+
 # %% ../nbs/04b_trainer.ipynb #494b2e40
 # `SFTConfig` fields that config.ini sets: `args` may not contradict them (the steps follow config.ini)
 _FROM_CONFIG = {**dict.fromkeys(['per_device_train_batch_size', 'per_device_eval_batch_size'], '[Training] PER_DEVICE_TRAIN_BATCH_SIZE'),
@@ -150,7 +197,8 @@ _FROM_CONFIG = {**dict.fromkeys(['per_device_train_batch_size', 'per_device_eval
                 **dict.fromkeys(['save_steps', 'save_strategy', 'eval_steps', 'eval_strategy'], '[Training] SAVE_STEPS'),
                 **dict.fromkeys(['seed', 'data_seed'], '[Training] SEED'), **dict.fromkeys(['packing', 'padding_free'], '[Training] PACKING'),
                 **dict.fromkeys(['gradient_checkpointing', 'activation_checkpointing'], '[Training] GRADIENT_CHECKPOINTING'),
-                'max_length': '[Model] MAX_SEQ_LENGTH', **dict.fromkeys(['bf16', 'fp16'], '[Hardware] AUTO_FP16_BF16')}
+                'max_length': '[Model] MAX_SEQ_LENGTH', **dict.fromkeys(['bf16', 'fp16'], '[Hardware] AUTO_FP16_BF16'),
+                'report_to': '[Training] REPORT_TO'}
 
 def _check_args(args:dict):
     "Raise if `args` names a field `SFTConfig` lacks, or one that config.ini sets."
@@ -174,7 +222,8 @@ def trainer_args(cfg:RunConfig, plan:Plan, steps:int, has_eval:bool, args:dict|N
               logging_steps=t.logging_steps, save_strategy='steps' if every else 'no', save_steps=every or 500, save_total_limit=2,
               eval_strategy='steps' if (every and has_eval) else 'no', eval_steps=every, eval_on_start=has_eval, prediction_loss_only=True,
               seed=t.seed, data_seed=t.seed, bf16=plan.dtype == 'bfloat16', fp16=plan.dtype == 'float16',
-              report_to='none', disable_tqdm=not progress_bar(), logging_nan_inf_filter=False,
+              report_to='none' if t.report_to == ['none'] else list(t.report_to), run_name=cfg.model.new_model_name,
+              disable_tqdm=not progress_bar(), logging_nan_inf_filter=False,
               remove_unused_columns=False, dataset_kwargs={'skip_prepare_dataset': True}, max_length=cfg.model.max_seq_length,
               packing=False, dataloader_num_workers=0, ddp_find_unused_parameters=False if plan.processes > 1 else None)
     if not cuda: kw['use_cpu'] = True

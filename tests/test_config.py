@@ -73,6 +73,9 @@ def test_every_key_has_a_comment_with_type_and_default():
     ('PACKING', 'yes', "[Training] PACKING = 'yes' (config.ini): must be one of auto, group, on, off"),
     ('DATASET_FILE', 'missing.jsonl', "[Dataset] DATASET_FILE = "),
     ('BACKEND', 'unslot', "(did you mean `unsloth`?)"),
+    ('REPORT_TO', 'tensorbord', "[Training] REPORT_TO = 'tensorbord' (config.ini): `tensorbord` is not a tracker; use none, or one or more of tensorboard, wandb, mlflow"),
+    ('REPORT_TO', 'wandb,none', "`none` is not a tracker"),
+    ('PUSH_TO_HUB', 'sure', "[Model] PUSH_TO_HUB = 'sure' (config.ini): must be true or false"),
 ])
 def test_each_rule_names_key_value_and_fix(tmp_path, key, value, expect):
     assert expect in problems(with_value(tmp_path, key, value))

@@ -162,3 +162,36 @@ def test_two_processes_deal_grouped_micro_batches(tmp_path, tiny):
     assert 'resuming from checkpoint-2 (step 2/3)' in (out3/'finetune.log').read_text(encoding='utf-8')
     assert (mb(a0['steps'][0][0]), mb(a1['steps'][0][0])) == (mb(r0['steps'][2][0]), mb(r1['steps'][2][0]))
     same_adapter(out3, out2, atol=1e-6)
+
+
+def test_two_machines_train_like_one(tmp_path, tiny):
+    """`taide-ft run --nnodes 2 --node-rank R --master-addr HOST` on two machines: here two single-process "machines" on
+    127.0.0.1 (gloo), started with the torchrun options `taide-ft run` gives each, train the adapter one process trains."""
+    import socket
+    from taide_ft.cli import torchrun_args
+    out1, (one,), _ = run_worker(tmp_path, tiny, 1)
+    ini = make_run(tmp_path/'nodes', tiny, batch=BATCH, accum=ACCUM, steps=STEPS, save=2, lr=1e-2)
+    rec = tmp_path/'rec-nodes'; rec.mkdir()
+    worker = tmp_path/'worker.py'; worker.write_text(WORKER)
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    env = dict(os.environ, **MALLOC_ENV, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME='lo')
+    opts = [torchrun_args(1, nnodes=2, node_rank=r, master_addr='127.0.0.1', master_port=port) for r in (0, 1)]
+    assert opts[1] == ['--nnodes=2', '--node-rank=1', '--nproc-per-node=1', '--master-addr=127.0.0.1', f'--master-port={port}']
+    nodes = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *o, str(worker), str(ini), str(rec)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for o in opts]
+    logs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    r0, r1 = [json.loads((rec/f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert (r0['plan_processes'], r1['plan_processes']) == (2, 2)
+    for k in range(STEPS): assert sorted(rows_of(r0['steps'][k]) + rows_of(r1['steps'][k])) == rows_of(one['steps'][k]), f"step {k + 1}"
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(r0['losses'], one['losses'])), (r0['losses'], one['losses'])
+    same_adapter(out1, ini.parent/'out', atol=1e-5, rtol=1e-3)
+    assert 'on CPU x 2 processes' in (ini.parent/'out'/'finetune.log').read_text(encoding='utf-8')
+
+
+def test_several_machines_need_their_options():
+    from taide_ft.cli import torchrun_args
+    from taide_ft.config import ConfigError
+    assert torchrun_args(2) == ['--standalone', '--nproc-per-node=2']
+    with pytest.raises(ConfigError, match='give --master-addr'): torchrun_args(8, nnodes=2, node_rank=1)
+    with pytest.raises(ConfigError, match=r'--node-rank 2: give 0 to 1 \(--nnodes 2\)'): torchrun_args(8, nnodes=2, node_rank=2, master_addr='10.0.0.1')

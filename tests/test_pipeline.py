@@ -76,6 +76,20 @@ def test_outputs_manifest_gguf_modelfile(run):
     assert 'step 3/3' in (outputs/'finetune.log').read_text()
 
 
+def test_hub_upload_takes_the_finished_run(run):
+    "What PUSH_TO_HUB would upload from a real finished run: the adapter, the GGUF, the Modelfile, the model card, manifest."
+    from taide_ft.config import load_config
+    from taide_ft.pipeline import hub_files, hub_repo, hub_upload_command
+    d, _, outputs = run
+    cfg = load_config(d/'config.ini', push_to_hub=True)
+    files = hub_files(cfg)
+    assert 'adapter/adapter_config.json' in files and 'adapter/adapter_model.safetensors' in files, files
+    assert [f for f in files if f.endswith('.gguf')] == [p.name for p in outputs.glob('*.gguf')] and 'tiny-taide-q4_k_m.gguf' in files, files
+    assert {'Modelfile', 'README.md', 'manifest.json'} <= set(files) and not any(f.startswith('checkpoint') for f in files), files
+    assert all((outputs/f).is_file() for f in files) and hub_repo(cfg, 'someone') == 'test/tiny-taide'
+    assert hub_upload_command(cfg).startswith(f"hf upload test/tiny-taide {outputs} . ") and hub_upload_command(cfg).endswith('--private')
+
+
 def test_gguf_loads_in_llama_cpp_and_verification_passed(run):
     _, _, outputs = run
     report = json.loads((outputs/'export_report.json').read_text())
