@@ -15,7 +15,7 @@ __all__ = ['log', 'ACT_BYTES', 'FREE_SHARE', 'WEIGHT_BYTES', 'BITS_PER_WEIGHT', 
            'setup_logging', 'quiet', 'GPU', 'Machine', 'probe_machine', 'ModelError', 'hf_token', 'BaseModel',
            'params_from_config', 'resolve_base', 'context_problem', 'base_folder', 'Family', 'model_family',
            'check_family', 'Plan', 'weights_gib', 'activation_bytes', 'fit_memory', 'make_plan', 'disk_need',
-           'reset_peaks', 'memory_peaks', 'lib_versions', 'EnvReport', 'env_report', 'tune_cpu_memory']
+           'reset_peaks', 'memory_peaks', 'lib_versions', 'EnvReport', 'same_grid', 'env_report', 'tune_cpu_memory']
 
 # %% ../nbs/01_environment.ipynb #ba6178a1
 def dist_env() -> tuple:
@@ -157,6 +157,7 @@ class BaseModel:
     config: dict|None = field(default=None, repr=False)  # its config.json (the text model's, for multimodal ones); None if unknown
     n_params: float|None = None  # parameters, counted from the weights where they are here, else from the config
     chat_template: str|None = field(default=None, repr=False)  # its tokenizer's chat template, where it can be read without loading
+    gguf_type: str|None = None  # for a .gguf base: its llama.cpp file type, e.g. 'q4_k_m'
 
     def get(self, key, default=None):
         "A value of the model's config, e.g. `base.get('hidden_size')`."
@@ -192,8 +193,8 @@ def _safetensors_params(folder:Path) -> int:
 
 # %% ../nbs/01_environment.ipynb #1f7b3d22
 def _gguf_config(path:Path) -> tuple:
-    "(config dict, parameters, chat template) from a GGUF file's header, in transformers' names."
-    from gguf import GGUFReader
+    "(config dict, parameters, chat template, file type) from a GGUF file's header, in transformers' names."
+    from gguf import GGUFReader, LlamaFileType
     r = GGUFReader(path)
     val = lambda k: r.fields[k].contents() if k in r.fields else None
     arch = val('general.architecture')
@@ -202,7 +203,9 @@ def _gguf_config(path:Path) -> tuple:
              intermediate_size=g('feed_forward_length'), num_attention_heads=g('attention.head_count'),
              num_key_value_heads=g('attention.head_count_kv'), max_position_embeddings=g('context_length'),
              vocab_size=len(r.fields['tokenizer.ggml.tokens'].data) if 'tokenizer.ggml.tokens' in r.fields else None)
-    return c, float(sum(int(t.n_elements) for t in r.tensors)), val('tokenizer.chat_template')
+    ft = val('general.file_type')
+    ft = LlamaFileType(ft).name.lower().removeprefix('mostly_') if ft in set(LlamaFileType) else None
+    return c, float(sum(int(t.n_elements) for t in r.tensors)), val('tokenizer.chat_template'), ft
 
 def _hub_file(name:str, fname:str) -> Path|None:
     "A small file of a hub model: from the cache, else fetched (10 s timeout); None offline, refused or absent."
@@ -631,6 +634,13 @@ def _machine_rows(m:Machine) -> list:
     return ([('CUDA', m.cuda_version)] + [(f'GPU {i}', f"{g.name}, {g.total_gib:.1f} GiB ({g.free_gib:.1f} free), compute capability "
              f"{g.capability[0]}.{g.capability[1]}") for i, g in enumerate(m.gpus)] + [('bf16 supported', str(m.bf16).lower())])
 
+def same_grid(base:BaseModel, qtype:str) -> str|None:
+    "Why exporting a fine-tune of `base` to `qtype` loses most of the fine-tune, or None: a quantized GGUF base of that very type."
+    if base.gguf_type != qtype or qtype in ('f32', 'f16', 'bf16'): return None
+    return (f"BASE_MODEL_NAME `{Path(base.where).name}` is itself a {qtype} GGUF: its weights already sit on {qtype}'s grid, and a LoRA "
+            f"fine-tune moves them by less than a step of it, so quantizing the tuned model to {qtype} again rounds most of the change back "
+            f"to the base's own values. Export a finer type ([Quantization] QUANTIZATION_METHOD = q8_0 or q6_k), or start from the 16-bit model")
+
 def _base_rows(cfg, base, rep):
     n = f", {base.n_params / 1e9:.2f} B parameters" if base.n_params else ''
     rep.rows.append(('base model', f"{base.name} ({base.kind}{n})"))
@@ -649,6 +659,7 @@ def _base_rows(cfg, base, rep):
         if (fam := check_family(base)) is not None: rep.rows.append(('family', str(fam)))
     except ModelError as e: rep.errors.append(str(e)); rep.model_error = e
     if (why := context_problem(cfg, base)): rep.errors.append(why)
+    rep.warnings += [f"[Quantization] QUANTIZATION_METHOD = {t}: {why}." for t in cfg.quant.quantization_method if (why := same_grid(base, t))]
 
 # %% ../nbs/01_environment.ipynb #87c27969
 def _memory_rows(plan:Plan, rep):

@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from .config import GGUF_TYPES, RunConfig, TaideError, atomic_path, write_text
 from .environment import (BaseModel, base_folder, disk_need, lib_versions, memory_peaks, quiet, reset_peaks,
-                                  resolve_base, _safetensors_params)
+                                  resolve_base, same_grid, _safetensors_params)
 from .model import stop_ids
 from .ollama import derive_template, tokenizer_adds_bos
 from .training import DiskFull, LOW_DISK, disk_error, output_lock, writing
@@ -759,7 +759,7 @@ def _convert_and_quantize(cfg, src, lora, stats) -> tuple:
             if t not in paths: paths[t] = quantize_gguf(paths[sixteen[0]], unverified(out/gguf_name(cfg, t)), t, check_src=False)
     return paths, sixteen
 
-def _verify(cfg, src, lora, paths, stats, max_new_tokens, n_prompts) -> tuple:
+def _verify(cfg, base, src, lora, paths, stats, max_new_tokens, n_prompts) -> tuple:
     "5): every file against base + adapter in transformers; (report by type, its path); `ExportError` if one fails."
     types = list(cfg.quant.quantization_method)
     with _stage('verify', stats):
@@ -767,7 +767,7 @@ def _verify(cfg, src, lora, paths, stats, max_new_tokens, n_prompts) -> tuple:
         report = {t: verify_gguf(paths[t], src, qtype=t, reference=ref, max_new_tokens=max_new_tokens, check=False) for t in types}
     with writing('`export_report.json`', cfg.output_dir, AGAIN): report_path = _write_json(cfg.output_dir/'export_report.json', dict(stages=stats, results=report))
     failed = [r for r in report.values() if not r['passed']]
-    if failed: raise ExportError(' '.join(f"`{r['file']}` failed verification: {'; '.join(r['problems'])}." for r in failed)
+    if failed: raise ExportError(' '.join(f"`{r['file']}` failed verification: {'; '.join(r['problems'])}." + (f" {why}." if (why := same_grid(base, r['type'])) else '') for r in failed)
                                  + f" It keeps that name, so that nothing takes it for a checked file; see {report_path}.")
     for t in types: paths[t] = _promote(paths[t]); report[t]['file'] = paths[t].name  # an intermediate 16-bit file is deleted unverified
     return report, report_path
@@ -807,7 +807,7 @@ def _export_gguf(cfg, adapter_dir, max_new_tokens, n_prompts, base):
         tok = AutoTokenizer.from_pretrained(src)
         derive_template(tok, cfg.data.system_prompt.strip(), add_bos=tokenizer_adds_bos(tok))  # fail now, not after an hour of conversion
         paths, sixteen = _convert_and_quantize(cfg, src, lora, stats)
-        report, report_path = _verify(cfg, src, lora, paths, stats, max_new_tokens, n_prompts)
+        report, report_path = _verify(cfg, base, src, lora, paths, stats, max_new_tokens, n_prompts)
         for t in sixteen:
             if t not in types: paths.pop(t).unlink(); log.info(f"export: removed the intermediate {t} GGUF")
         others = []
