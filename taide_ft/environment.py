@@ -11,11 +11,12 @@ from pathlib import Path
 from .config import ConfigError, RunConfig, TaideError, atomic_path
 
 # %% auto #0
-__all__ = ['log', 'ACT_BYTES', 'FREE_SHARE', 'WEIGHT_BYTES', 'BITS_PER_WEIGHT', 'dist_env', 'is_main', 'dist_init', 'barrier',
-           'setup_logging', 'quiet', 'GPU', 'Machine', 'probe_machine', 'ModelError', 'hf_token', 'BaseModel',
-           'params_from_config', 'resolve_base', 'context_problem', 'base_folder', 'Family', 'model_family',
-           'check_family', 'Plan', 'weights_gib', 'activation_bytes', 'fit_memory', 'make_plan', 'disk_need',
-           'reset_peaks', 'memory_peaks', 'lib_versions', 'EnvReport', 'same_grid', 'env_report', 'tune_cpu_memory']
+__all__ = ['log', 'ACT_BYTES', 'FREE_SHARE', 'FP8_ACT_SCALE', 'WEIGHT_BYTES', 'BITS_PER_WEIGHT', 'dist_env', 'is_main',
+           'dist_init', 'barrier', 'setup_logging', 'quiet', 'GPU', 'Machine', 'probe_machine', 'ModelError',
+           'hf_token', 'BaseModel', 'params_from_config', 'resolve_base', 'context_problem', 'base_folder', 'Family',
+           'model_family', 'check_family', 'Plan', 'weights_gib', 'activation_bytes', 'fit_memory', 'make_plan',
+           'disk_need', 'reset_peaks', 'memory_peaks', 'lib_versions', 'EnvReport', 'same_grid', 'env_report',
+           'tune_cpu_memory']
 
 # %% ../nbs/01_environment.ipynb #ba6178a1
 def dist_env() -> tuple:
@@ -409,6 +410,8 @@ def check_family(base:BaseModel) -> Family|None:
 # %% ../nbs/01_environment.ipynb #305a3a59
 ACT_BYTES = 26  # activation bytes a token x layer x hidden unit without checkpointing (bf16, measured on Llama 3.1 8B)
 FREE_SHARE = 0.8  # activations must fit in this share of the GPU memory left after the weights
+FP8_ACT_SCALE = 1.6  # FP8 base weights keep more per token (their MLP runs through torchao's autograd, not Unsloth's): an 8B
+                     # step of 16,384 tokens planned at 1.0 ran out of an H100's 79 GiB, so at least 1.3x; 1.6 leaves a margin
 
 @dataclass(frozen=True, repr=False)
 class Plan:
@@ -474,17 +477,18 @@ def fit_memory(mode:str, # GRADIENT_CHECKPOINTING: auto, on, off or offload
                free_gib:float, # GPU memory free before loading
                weights:float, # GiB the weights will take (`weights_gib`)
                row_tokens:int, # MAX_SEQ_LENGTH: one row must fit in a micro-batch
-               want_tokens:int # tokens a micro-batch could use at most (a whole step)
+               want_tokens:int, # tokens a micro-batch could use at most (a whole step)
+               act_scale:float=1.0 # activations relative to the 4-bit/16-bit paths' (`FP8_ACT_SCALE` for FP8 base weights)
               ) -> tuple:
     "(checkpointing, micro-batch tokens, why) for a GPU run."
     room = FREE_SHARE * max(free_gib - weights, 0) * 2**30
-    fits = lambda gc: int(room // activation_bytes(base, gc))
+    fits = lambda gc: int(room // (act_scale * activation_bytes(base, gc)))
     recompute = 'unsloth' if backend == 'unsloth' else True
     gc = {'off': False, 'on': True, 'offload': recompute}.get(mode)
     if gc is None: gc = False if fits(False) >= row_tokens else recompute
     n = fits(gc)
     why = (f"{'auto' if mode == 'auto' else 'GRADIENT_CHECKPOINTING = ' + mode}: {free_gib:.1f} GiB free, weights ~{weights:.1f} GiB; "
-           f"{activation_bytes(base, gc) / 2**20:.2f} MiB of activations a token {'with' if gc else 'without'} checkpointing, so about "
+           f"{act_scale * activation_bytes(base, gc) / 2**20:.2f} MiB of activations a token {'with' if gc else 'without'} checkpointing, so about "
            f"{n:,} tokens fit in {FREE_SHARE:.0%} of the rest")
     if n < row_tokens:
         why += f", fewer than one row of MAX_SEQ_LENGTH = {row_tokens}: long rows may run out of memory"
@@ -557,7 +561,7 @@ def make_plan(cfg:RunConfig, # the run's configuration
     if m.cuda:
         want = {'sorted': -(-rows // world) * L if rows else configured}.get(batches, configured)
         gc, micro, why = fit_memory(t.gradient_checkpointing, backend, base, m.gpus[0].free_gib,
-                                    weights_gib(base, 'nf4' if four else 'fp8' if fp8 else dtype), L, want)
+                                    weights_gib(base, 'nf4' if four else 'fp8' if fp8 else dtype), L, want, FP8_ACT_SCALE if fp8 else 1.0)
         if batches != 'sorted': micro = configured
     else:
         gc, micro = t.gradient_checkpointing in ('on', 'offload'), configured
