@@ -121,6 +121,19 @@ def test_merge_changes_the_model(llama_export, tmp_path):
     assert (a[k] - b[k]).abs().max() > 1e-2 and (a['model.norm.weight'] == b['model.norm.weight']).all()
 
 
+def test_the_export_starts_from_the_16_bit_base_whatever_the_training_precision(llama_export, tmp_path):
+    "BASE_PRECISION (nf4, fp8, bf16) is how the frozen base is held while training; the GGUF is made from the 16-bit base + adapter."
+    import hashlib
+    cfg, res = llama_export
+    sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()
+    for precision in ('fp8', 'nf4'):
+        c = load_config(None, check_files=False, base_model_name=cfg.model.base_model_name, output_dir=str(tmp_path/precision),
+                        dataset_file=str(cfg.data.dataset_file), quantization_method='f16', max_seq_length=1024, base_precision=precision)
+        assert c.quant.base == precision
+        r = export_gguf(c, adapter_dir=cfg.output_dir/'adapter')
+        assert sha(r.ggufs['f16']) == sha(res.ggufs['f16']), precision
+
+
 def test_no_adapter_is_a_clear_error(tmp_path):
     "export_gguf and merge_adapter without a trained adapter: ExportError (a TaideError) naming the missing file, at once."
     from taide_ft.config import TaideError
