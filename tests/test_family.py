@@ -208,3 +208,35 @@ def test_llama2_family(tmp_path, llama2_tok):
                                                  vocab_size=32000, intermediate_size=11008, num_attention_heads=32, max_position_embeddings=4096)))
     llama2_tok.save_pretrained(d)
     assert str(check_family(resolve_base(str(d)))) == 'Llama 2 (LlamaForCausalLM), chat template: Llama 2 [INST] <<SYS>>, context 4,096 tokens'
+
+
+# ------------------------------------------------------------------------------------------------------------- Llama 3.1, Meta's template
+
+def test_llama31_with_metas_own_template_end_to_end(tmp_path):
+    """Meta's Llama 3.1 chat template as TRL ships it (a system block with date lines on every chat, tool branches) on a tiny
+    random Llama with the real Llama 3 tokenizer: trained with the answers labelled, exported, and the Modelfile's TEMPLATE
+    checked token for token at the export, with the template's static date lines kept."""
+    import importlib.util
+    from transformers import AutoTokenizer
+    from taide_ft.dataset import labelled_text, tokenize_row
+    from taide_ft.export import _modelfile_template
+    from taide_ft.fixtures import tiny_llama
+    from taide_ft.pipeline import fine_tune
+    base = tiny_llama(tmp_path/'base', hidden_size=64)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = (Path(importlib.util.find_spec('trl').submodule_search_locations[0])/'chat_templates'/'llama3_1.jinja').read_text(encoding='utf-8')
+    tok.save_pretrained(base)
+    write_jsonl(tmp_path/'train.jsonl', ROWS)
+    cfg = load_config(None, base_model_name=str(base), new_model_name='test/taide-meta', output_dir=str(tmp_path/'run'),
+                      dataset_file=str(tmp_path/'train.jsonl'), system_prompt=SYSTEM, max_seq_length=256, max_steps=4, warmup_steps=1,
+                      per_device_train_batch_size=2, gradient_accumulation_steps=1, save_steps=0, eval='false', quantization_method='f16')
+    run = fine_tune(cfg)
+    assert run.train.steps == 4 and run.export.report['f16']['passed'], run.export.report
+    tpl = _modelfile_template(run.export.modelfile)
+    assert 'Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n' in tpl and '<|begin_of_text|>' not in tpl, tpl
+    # what training saw: the date lines in the system block, and only the answer (with its <|eot_id|>) labelled
+    tok = AutoTokenizer.from_pretrained(cfg.output_dir/'adapter')
+    chat = [{'role': 'system', 'content': SYSTEM}, {'role': 'user', 'content': ROWS[0]['instruction']}, {'role': 'assistant', 'content': ROWS[0]['output']}]
+    text = labelled_text(tokenize_row(chat, tok), tok)
+    assert 'Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n' + SYSTEM in text, text
+    assert re.findall('⟦(.*?)⟧', text, re.S) == [ROWS[0]['output'] + '<|eot_id|>'], text
