@@ -208,11 +208,27 @@ def _gguf_config(path:Path) -> tuple:
     ft = LlamaFileType(ft).name.lower().removeprefix('mostly_') if ft in set(LlamaFileType) else None
     return c, float(sum(int(t.n_elements) for t in r.tensors)), val('tokenizer.chat_template'), ft
 
+def _hub_answers() -> bool:
+    "Whether the hub's host takes a connection (5 s at most): offline, the hub client would retry each request for 23 s."
+    import socket, time
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE: return False
+    if any(os.environ.get(k) for k in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')): return True  # only the proxy knows
+    u, now = urlparse(constants.ENDPOINT), time.monotonic()
+    if (seen := _HUB_SEEN.get(u.netloc)) and now - seen[0] < 60: return seen[1]  # asked within the last minute
+    try: socket.create_connection((u.hostname, u.port or (443 if u.scheme == 'https' else 80)), timeout=5).close(); ok = True
+    except OSError: ok = False
+    _HUB_SEEN[u.netloc] = (now, ok)
+    return ok
+_HUB_SEEN = {}
+
 def _hub_file(name:str, fname:str) -> Path|None:
     "A small file of a hub model: from the cache, else fetched (10 s timeout); None offline, refused or absent."
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     hit = try_to_load_from_cache(name, fname)
     if not isinstance(hit, str):
+        if not _hub_answers(): return None
         try: hit = hf_hub_download(name, fname, token=hf_token(), etag_timeout=10)
         except Exception: return None
     return Path(hit)

@@ -64,6 +64,6 @@ def test_check_without_the_hub_names_the_download_quickly(tmp_path):
     (tmp_path/'train_data.jsonl').write_text(''.join(f'{{"instruction": "q{i}", "output": "a{i}"}}\n' for i in range(20)), encoding='utf-8')
     (tmp_path/'config.ini').write_text("[Model]\nBASE_MODEL_NAME = taide/Llama-3.1-TAIDE-LX-8B-Chat\n", encoding='utf-8')
     r, seconds = cli('check', '--config', str(tmp_path/'config.ini'), cwd=tmp_path, HF_HOME=str(tmp_path/'hf'))
-    assert r.returncode == 1 and seconds < 30, (seconds, r.stdout[-2000:])
+    assert r.returncode == 1 and seconds < 15, (seconds, r.stdout[-2000:])  # the hub client alone retries for 23 s
     assert ("ERROR: [Model] BASE_MODEL_NAME = taide/Llama-3.1-TAIDE-LX-8B-Chat: cannot reach the hub and the model is not cached. "
             "Download it where there is network (`hf download taide/Llama-3.1-TAIDE-LX-8B-Chat --local-dir <folder>`") in r.stdout, r.stdout[-2000:]
