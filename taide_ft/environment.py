@@ -426,8 +426,9 @@ def check_family(base:BaseModel) -> Family|None:
 # %% ../nbs/01_environment.ipynb #305a3a59
 ACT_BYTES = 26  # activation bytes a token x layer x hidden unit without checkpointing (bf16, measured on Llama 3.1 8B)
 FREE_SHARE = 0.8  # activations must fit in this share of the GPU memory left after the weights
-FP8_ACT_SCALE = 1.6  # FP8 base weights keep more per token (their MLP runs through torchao's autograd, not Unsloth's): an 8B
-                     # step of 16,384 tokens planned at 1.0 ran out of an H100's 79 GiB, so at least 1.3x; 1.6 leaves a margin
+FP8_ACT_SCALE = 1.6  # FP8 base weights keep more per token (their MLP runs through torchao's autograd, not Unsloth's): one 8B
+                     # step of 16,384 tokens planned at 1.0 ran out of an H100's 79 GiB (at least 1.3x); 1.6 is a margin over
+                     # that, not yet measured (bench/bench.py --setups a-fp8 prints the peak)
 
 @dataclass(frozen=True, repr=False)
 class Plan:
