@@ -43,7 +43,7 @@ elif job['stage'] == 'export_gguf':  # the whole export as a run does it: conver
     from taide_ft.export import ExportError, export_gguf
     cfg = load_config(None, check_files=False, base_model_name=job['model'], output_dir=job['out'], quantization_method=job['types'],
                       dataset_file=job['data'])
-    try: res = export_gguf(cfg); ok, error = True, None
+    try: export_gguf(cfg); ok, error = True, None
     except ExportError as e: ok, error = False, str(e); print('ExportError:', e, flush=True)
     rep = json.load(open(f"{job['out']}/export_report.json"))  # written before the check's verdict: each stage's seconds and peak memory
     checks = {t: {k: r.get(k) for k in ('passed', 'top1_agreement', 'top1_tokens', 'reference_dtype', 'first_logits_max_abs_diff')} for t, r in rep['results'].items()}
